@@ -77,7 +77,7 @@ class RolloutConfig(Section):
     )
     top_k: int = Field(-1, description="Top-k sampling (-1 = off). Must stay -1 for RL, for the same reason as top_p.")
     threads: int = Field(1, ge=1, description="CPU threads each rollout actor's engine uses.")
-    vllm_kv_cache_gib: float = Field(0.25, gt=0, description="vLLM CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE).")
+    vllm_kv_cache_gib: int = Field(1, ge=1, description="vLLM CPU KV-cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE).")
     vllm_gpu_memory_utilization: float = Field(0.4, gt=0, le=1.0, description="Share of GPU memory vLLM may take (GPU only).")
     sync_tolerance: float = Field(
         1e-3, gt=0,

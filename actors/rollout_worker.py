@@ -1,0 +1,73 @@
+"""The rollout actor: a thin shell that owns one engine and tags samples with a policy version."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from raylign.common.types import AdapterUpdate, PromptItem, Sample, SamplingSettings
+
+
+class RolloutWorker:
+    """Runs as a Ray actor (the driver wraps it with `ray.remote`); usable directly in tests."""
+
+    def __init__(
+        self,
+        backend: str,
+        model_path: str,
+        dtype: str = "float32",
+        seed: int = 0,
+        threads: int = 1,
+        lora_rank: int = 8,
+        kv_cache_gib: int = 1,
+        gpu_memory_utilization: float = 0.4,
+        device: str = "cpu",
+    ):
+        # vLLM reads these at import time; the engine runs in this process so
+        # Ray's CPU accounting is the real one.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        import torch
+        from transformers import AutoTokenizer
+
+        torch.set_num_threads(threads)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        if backend == "vllm":
+            from raylign.actors.engines import VLLMEngine
+
+            self.engine = VLLMEngine(model_path, dtype=dtype, seed=seed, max_lora_rank=lora_rank,
+                                     gpu_memory_utilization=gpu_memory_utilization)
+        elif backend == "hf":
+            from raylign.actors.engines import HFEngine
+
+            self.engine = HFEngine(model_path, dtype=dtype, device=device)
+        else:
+            raise ValueError(f"rollout.backend = '{backend}' is not supported; use 'vllm' or 'hf'")
+        self.policy_version: int | None = None
+
+    def load_adapter(self, update: AdapterUpdate) -> float:
+        """Install adapter `update`; returns the seconds it took."""
+        start = time.perf_counter()
+        self.engine.load_adapter(update)
+        self.policy_version = update.version
+        return time.perf_counter() - start
+
+    def generate(self, prompts: list[PromptItem], settings: SamplingSettings) -> list[Sample]:
+        if self.policy_version is None:
+            raise RuntimeError("generate called before any adapter was loaded; the driver must publish version 0 first")
+        samples = []
+        for prompt, completions in zip(prompts, self.engine.generate(prompts, settings), strict=True):
+            for sample_index, completion in enumerate(completions):
+                samples.append(Sample(
+                    prompt_index=prompt.index,
+                    sample_index=sample_index,
+                    prompt=prompt.text,
+                    prompt_ids=list(prompt.token_ids),
+                    completion=self.tokenizer.decode(completion.token_ids, skip_special_tokens=True),
+                    completion_ids=completion.token_ids,
+                    behaviour_logprobs=completion.logprobs,
+                    policy_version=self.policy_version,
+                    finish_reason=completion.finish_reason,
+                ))
+        return samples

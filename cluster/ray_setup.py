@@ -1,0 +1,34 @@
+"""Ray start-up: join a cluster or start a local one, with quiet, thread-limited workers."""
+
+from __future__ import annotations
+
+import math
+import os
+
+from raylign.common.config import RunConfig
+
+WORKER_ENV = {
+    "VLLM_LOGGING_LEVEL": "WARNING",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TQDM_DISABLE": "1",
+}
+
+
+def requested_cpus(config: RunConfig) -> float:
+    return config.train.num_cpus + config.rollout.num_cpus * config.rollout.num_workers + config.reward.num_cpus
+
+
+def start_ray(config: RunConfig) -> None:
+    """Connect to `cluster.address`, or start Ray locally sized to fit every actor of this run."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if config.cluster.address is not None:
+        ray.init(address=config.cluster.address, runtime_env={"env_vars": WORKER_ENV})
+        return
+    # Logical CPUs only schedule actors; on a small machine they time-share the real cores.
+    num_cpus = max(config.cluster.num_cpus or os.cpu_count() or 1, math.ceil(requested_cpus(config)))
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)

@@ -1,0 +1,49 @@
+"""LoRA adapter (de)serialisation in PEFT's own file format.
+
+The bytes are exactly what `PeftModel.save_pretrained` writes, so vLLM's
+`LoRARequest` and PEFT's loaders both read them unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def adapter_files(peft_model, version: int) -> dict[str, bytes]:
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save
+
+    state = {name: tensor.detach().to("cpu", torch.float32).contiguous() for name, tensor in get_peft_model_state_dict(peft_model).items()}
+    config = peft_model.peft_config["default"].to_dict()
+    if isinstance(config.get("target_modules"), set):
+        config["target_modules"] = sorted(config["target_modules"])
+    config["raylign_version"] = version
+    return {ADAPTER_WEIGHTS: save(state), ADAPTER_CONFIG: json.dumps(config, default=str).encode()}
+
+
+def write_adapter(files: dict[str, bytes], directory: str | Path) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, payload in files.items():
+        (directory / name).write_bytes(payload)
+    return directory
+
+
+def adapter_state_dict(files: dict[str, bytes]) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(files[ADAPTER_WEIGHTS])
+
+
+def adapter_lora_config(files: dict[str, bytes]):
+    from peft import LoraConfig
+
+    config = json.loads(files[ADAPTER_CONFIG])
+    config.pop("raylign_version", None)
+    return LoraConfig.from_peft_type(**config) if hasattr(LoraConfig, "from_peft_type") else LoraConfig(**config)

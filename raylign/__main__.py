@@ -1,0 +1,5 @@
+import sys
+
+from raylign.cluster.cli import main
+
+sys.exit(main())
