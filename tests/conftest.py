@@ -1,0 +1,48 @@
+"""Shared fixtures: one Ray instance, one tiny model and one warm-started model per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from raylign.common.tiny_model import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), arch="llama", seed=0))
+
+
+@pytest.fixture(scope="session")
+def warm_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny Llama after a short SFT on the synthetic reviews, so its samples read like reviews."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raylign.common.data import builtin_corpus_texts
+    from raylign.learner.sft import sft_train
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    sft_train(model, tokenizer, builtin_corpus_texts(), steps=250, batch_size=32, learning_rate=3e-3, max_length=64, seed=0)
+    output = tmp_path_factory.mktemp("warm-llama")
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    return str(output)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    from raylign.cluster.ray_setup import WORKER_ENV
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,64 @@
+import math
+
+import torch
+
+from raylign.common.types import Sample
+from raylign.learner.batching import build_token_batch, token_logprobs
+from raylign.learner.grpo import grpo_loss
+
+
+def sample(prompt_ids, completion_ids, logprobs):
+    return Sample(prompt_index=0, sample_index=0, prompt="", prompt_ids=prompt_ids, completion="",
+                  completion_ids=completion_ids, behaviour_logprobs=logprobs, policy_version=0, finish_reason="stop")
+
+
+def test_token_batch_aligns_completion_positions_with_next_token_targets():
+    batch = build_token_batch([sample([1, 5], [7, 8, 2], [-0.1, -0.2, -0.3]), sample([1, 4, 4], [9], [-0.5])], pad_token_id=0)
+    assert batch.input_ids.tolist() == [[1, 5, 7, 8, 2], [1, 4, 4, 9, 0]]
+    # Column j scores token j+1: completion tokens sit at targets 2..4 and 3.
+    assert batch.completion_mask.tolist() == [[0, 1, 1, 1], [0, 0, 1, 0]]
+    assert batch.completion_index.tolist() == [[-1, 0, 1, 2], [-1, -1, 0, -1]]
+    assert torch.allclose(batch.behaviour_logprobs, torch.tensor([[0, -0.1, -0.2, -0.3], [0, 0, -0.5, 0]]))
+
+
+class FixedLogits(torch.nn.Module):
+    """A 'model' whose next-token logits are the same table at every position."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.table = torch.tensor(logits)
+
+    def forward(self, input_ids, attention_mask):
+        out = self.table.expand(input_ids.shape[0], input_ids.shape[1], -1)
+        return type("Output", (), {"logits": out})()
+
+
+def test_token_logprobs_apply_temperature_and_min_token_eos_mask():
+    model = FixedLogits([0.0, math.log(3.0), 0.0])  # probs 1/5, 3/5, 1/5 at T=1
+    batch = build_token_batch([sample([0], [1, 2], [0.0, 0.0])], pad_token_id=0)
+    logp, _ = token_logprobs(model, batch)
+    assert torch.allclose(logp[0], torch.log(torch.tensor([3 / 5, 1 / 5])), atol=1e-6)
+    # T=2 halves the logits: weights 1, sqrt(3), 1.
+    logp, _ = token_logprobs(model, batch, temperature=2.0)
+    z = 2 + math.sqrt(3)
+    assert torch.allclose(logp[0], torch.log(torch.tensor([math.sqrt(3) / z, 1 / z])), atol=1e-6)
+    # EOS (id 2) masked for the first completion token only: token 1 then has prob 3/4.
+    logp, _ = token_logprobs(model, batch, eos_token_id=2, min_new_tokens=1)
+    assert torch.allclose(logp[0], torch.log(torch.tensor([3 / 4, 1 / 5])), atol=1e-6)
+
+
+def test_grpo_loss_on_policy_equals_minus_advantage_plus_kl():
+    # On-policy (logp == old_logp) the ratio is 1, so the surrogate is -A per token.
+    logp = torch.log(torch.tensor([[0.5, 0.25], [0.5, 0.5]]))
+    ref_logp = torch.log(torch.tensor([[0.5, 0.5], [0.25, 0.5]]))
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    advantages = torch.tensor([1.0, -1.0])
+    loss, stats = grpo_loss(logp, logp.detach(), ref_logp, advantages, mask, clip_low=0.2, clip_high=None,
+                            kl_coef=0.1, kl_estimator="k3", aggregation="token_mean", max_new_tokens=2)
+    # k3 = r - log r - 1 with r = ref/pi: token (0,1): r=2 -> 1 - ln2; token (1,0): r=0.5 -> ln2 - 0.5; others 0.
+    kl_tokens = [0.0, 1 - math.log(2), math.log(2) - 0.5]
+    expected_kl = sum(kl_tokens) / 3
+    assert math.isclose(stats["kl"].item(), expected_kl, rel_tol=1e-5)
+    assert math.isclose(stats["policy_loss"].item(), (-1 - 1 + 1) / 3, rel_tol=1e-6)
+    assert math.isclose(loss.item(), (-1 - 1 + 1) / 3 + 0.1 * expected_kl, rel_tol=1e-5)
+    assert stats["clip_fraction"].item() == 0.0

@@ -1,0 +1,72 @@
+import subprocess
+import sys
+
+import pytest
+
+from raylign.common.config import ConfigError, RunConfig, describe_fields, load_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_quickstart_config_loads_with_overrides():
+    config = load_config("configs/quickstart.yaml", ["train.steps=7", "rollout.backend=hf", "algorithm.kl_coef=0.5"])
+    assert config.train.steps == 7
+    assert config.rollout.backend == "hf"
+    assert config.algorithm.kl_coef == 0.5
+    assert config.algorithm.name == "grpo"
+
+
+def test_unknown_key_names_the_field(tmp_path):
+    path = write(tmp_path, "model: {path: 'builtin:tiny-llama'}\ntrain: {stepz: 3}\n")
+    with pytest.raises(ConfigError, match=r"train\.stepz: unknown key"):
+        load_config(path)
+
+
+def test_wrong_type_names_field_and_value(tmp_path):
+    path = write(tmp_path, "model: {path: 'builtin:tiny-llama'}\ntrain: {steps: many}\n")
+    with pytest.raises(ConfigError, match=r"train\.steps = 'many'"):
+        load_config(path)
+
+
+def test_grpo_refuses_one_sample_per_prompt():
+    with pytest.raises(ConfigError, match=r"rollout\.samples_per_prompt = 1.*at least 2"):
+        load_config("configs/quickstart.yaml", ["rollout.samples_per_prompt=1"])
+
+
+def test_missing_local_model_path_is_refused_but_hub_ids_pass():
+    with pytest.raises(ConfigError, match=r"model\.path = './no/such/model' does not exist"):
+        load_config("configs/quickstart.yaml", ["model.path=./no/such/model"])
+    assert load_config("configs/quickstart.yaml", ["model.path=Qwen/Qwen2.5-0.5B-Instruct"]).model.path == "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+def test_truncated_sampling_is_refused_for_rl():
+    with pytest.raises(ConfigError, match=r"rollout\.top_p = 0\.9"):
+        load_config("configs/quickstart.yaml", ["rollout.top_p=0.9"])
+
+
+def test_every_field_has_a_description():
+    rows = describe_fields(RunConfig)
+    assert len(rows) > 40
+    assert [name for name, _, description in rows if not description.strip()] == []
+
+
+def test_cli_bad_config_exits_nonzero_with_one_message_and_no_traceback():
+    result = subprocess.run(
+        [sys.executable, "-m", "raylign", "train", "configs/quickstart.yaml", "rollout.num_workers=0"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "rollout.num_workers = 0" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_help_lists_config_fields():
+    result = subprocess.run([sys.executable, "-m", "raylign", "train", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for field in ["output_dir", "seed", "model.path", "algorithm.name", "rollout.backend", "rollout.num_workers",
+                  "rollout.samples_per_prompt", "train.steps"]:
+        assert f"  {field}  [default" in result.stdout

@@ -1,0 +1,58 @@
+"""The learner notices when the rollout actors did not pick up a published adapter."""
+
+
+import pytest
+
+from raylign.actors.rollout_worker import RolloutWorker
+from raylign.cluster.driver import SyncError, check_sync
+from raylign.common.config import load_config
+from raylign.common.types import AdapterUpdate, PromptItem
+from raylign.learner.learner_worker import LearnerWorker
+
+
+@pytest.fixture(scope="module")
+def pair(warm_model_dir):
+    config = load_config("configs/quickstart.yaml", [f"model.path={warm_model_dir}", "rollout.backend=hf",
+                                                      "train.learning_rate=0.05"])
+    learner = LearnerWorker(warm_model_dir, config.model, config.train, config.algorithm, config.rollout, seed=0)
+    learner.attach_lora()
+    rollout = RolloutWorker("hf", warm_model_dir)
+    rollout.load_adapter(learner.publish())
+    settings = load_settings(config)
+    return config, learner, rollout, settings
+
+
+def load_settings(config):
+    from raylign.common.types import SamplingSettings
+
+    r = config.rollout
+    return SamplingSettings(r.samples_per_prompt, r.max_new_tokens, r.min_new_tokens, r.temperature)
+
+
+def prompts(token_ids):
+    return [PromptItem(index=i, text="", token_ids=token_ids, seed=100 + i) for i in range(4)]
+
+
+def test_behaviour_logprobs_match_learner_after_publish_and_guard_fires_when_publish_is_skipped(pair):
+    config, learner, rollout, settings = pair
+    prompt_ids = learner.tokenizer("Honestly, the movie was").input_ids
+
+    samples = rollout.generate(prompts(prompt_ids), settings)
+    metrics = learner.train_step(samples, [float(i % 3) for i in range(len(samples))])
+    assert metrics["rollout/logprob_gap"] < 1e-5
+    check_sync(metrics, config.rollout.sync_tolerance, step=0)
+
+    stale = learner.publish()  # version 1, the one the rollout should load next
+    learner.train_step(rollout_with(rollout, stale, prompt_ids, settings), [float(i % 3) for i in range(16)])
+    # A broken broadcast: the actor is told "version 2" but keeps version-1 weights.
+    rollout.load_adapter(AdapterUpdate(version=learner.version, files=stale.files))
+    samples = rollout.generate(prompts(prompt_ids), settings)
+    metrics = learner.train_step(samples, [float(i % 3) for i in range(len(samples))])
+    assert metrics["rollout/logprob_gap"] > 10 * config.rollout.sync_tolerance
+    with pytest.raises(SyncError, match="not sampling from the adapter"):
+        check_sync(metrics, config.rollout.sync_tolerance, step=2)
+
+
+def rollout_with(rollout, update, prompt_ids, settings):
+    rollout.load_adapter(update)
+    return rollout.generate(prompts(prompt_ids), settings)
