@@ -88,25 +88,220 @@ class RolloutConfig(Section):
     )
 
 
-class RewardConfig(Section):
-    function: str = Field(
-        "vader_sentiment",
-        description="Registered reward function name (see `raylign.actors.rewards.REWARD_FUNCTIONS`) or 'module.path:function'.",
+REWARD_MODEL_SOURCES = ("scalar_rm", "seqcls_rm", "classifier_rm")
+REWARD_MODEL_OPTIONS = ("adapter", "template", "max_length", "dtype")
+
+
+class RewardSourceConfig(Section):
+    name: str = Field(
+        ...,
+        description=(
+            "What scores: a registered function ('vader_sentiment', 'heuristic_reply'), a user function "
+            "'module.path:function', or a reward model loaded from `path`: 'scalar_rm' (Bradley-Terry, last-token head), "
+            "'seqcls_rm' (transformers sequence classification, optional LoRA adapter) or 'classifier_rm' (P(positive))."
+        ),
     )
-    num_cpus: float = Field(0.5, gt=0, description="CPUs Ray reserves for the reward actor.")
+    weight: float = Field(
+        1.0,
+        allow_inf_nan=False,
+        description="Multiplier of this source's score in the total reward (total = sum of weight * score); 0 logs the source without training on it.",
+    )
+    path: str | None = Field(
+        None,
+        description="Reward model directory (written by save_pretrained), or a hub id for 'seqcls_rm'. Required for reward models, unused by functions.",
+    )
+    label: str | None = Field(
+        None,
+        description="Name of this source in the logged components (`reward/<label>`); defaults to the function name or the reward model kind.",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "Functions: keyword arguments passed on every call ('heuristic_reply' takes HeuristicRewardConfig fields such as "
+            "weights, min_chars, max_chars). Reward models: 'template' (text scored, default '{prompt}{completion}'), "
+            "'max_length' (tokens, truncation), 'dtype', and for 'seqcls_rm' 'adapter' (a PEFT LoRA directory)."
+        ),
+    )
+
+    @property
+    def is_reward_model(self) -> bool:
+        return self.name in REWARD_MODEL_SOURCES
+
+    @property
+    def display_name(self) -> str:
+        return self.label or self.name.rsplit(":", 1)[-1]
+
+    @model_validator(mode="after")
+    def _path_and_options_fit_the_kind(self) -> "RewardSourceConfig":
+        where = f"reward.sources[name={self.name!r}]"
+        if not self.is_reward_model:
+            if self.path is not None:
+                raise ValueError(
+                    f"{where}.path = '{self.path}' is only used by reward models "
+                    f"({', '.join(REWARD_MODEL_SOURCES)}); remove path, or set name to one of them"
+                )
+            return self
+        if self.path is None:
+            raise ValueError(f"{where}.path is required; give the reward model directory")
+        if self.path.startswith(BUILTIN_MODEL_PREFIX):
+            raise ValueError(
+                f"{where}.path = '{self.path}' is a built-in policy, not a reward model; "
+                "train a reward model and give its directory"
+            )
+        check_model_path(self.path, field=f"{where}.path")
+        unknown = sorted(set(self.options) - set(REWARD_MODEL_OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"{where}.options: {unknown} unknown; reward models take {', '.join(REWARD_MODEL_OPTIONS)}"
+            )
+        if "adapter" in self.options and self.name != "seqcls_rm":
+            raise ValueError(
+                f"{where}.options.adapter is only for 'seqcls_rm'; merge the adapter into the model instead"
+            )
+        template = self.options.get("template", "{prompt}{completion}")
+        if not _is_completion_template(template):
+            raise ValueError(
+                f"{where}.options.template = {template!r} must be a string containing "
+                "'{completion}' (and optionally '{prompt}'), e.g. '{prompt}\\n\\nAssistant: {completion}'"
+            )
+        return self
+
+
+def _is_completion_template(template: Any) -> bool:
+    if not isinstance(template, str) or "{completion}" not in template:
+        return False
+    try:
+        template.format(prompt="", completion="")
+    except (KeyError, IndexError, ValueError):
+        return False
+    return True
+
+
+class RewardConfig(Section):
+    function: str | None = Field(
+        "vader_sentiment",
+        description=(
+            "Single reward: a registered function name (see `raylign.actors.rewards.REWARD_FUNCTIONS`) or "
+            "'module.path:function'. Leave unset when `sources` is given."
+        ),
+    )
+    sources: list[RewardSourceConfig] = Field(
+        default_factory=list,
+        description=(
+            "Several rewards combined with weights, each logged as `reward/<label>`, e.g. "
+            "[{name: vader_sentiment, weight: 1.0}, {name: scalar_rm, path: outputs/rm, weight: 0.5}]. "
+            "Replaces `function`."
+        ),
+    )
+    normalize: Literal["none", "running"] = Field(
+        "none",
+        description=(
+            "'running': divide (total - running mean) by the running std, both exponential moving averages over steps "
+            "(momentum `ema_momentum`); 'none': the weighted total as is. Per-group normalisation is the algorithm's job."
+        ),
+    )
+    ema_momentum: float = Field(0.9, ge=0, lt=1, description="Weight of the past in the running mean/std (normalize: running).")
+    max_invalid_fraction: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description=(
+            "Stop the run when more than this share of a step's samples get no valid reward (a source raised or gave "
+            "NaN/inf). Invalid samples are left out of the update and written to reward_errors.jsonl."
+        ),
+    )
+    batch_size: int = Field(64, ge=1, description="Samples per call to each reward source (and per reward-model forward pass).")
+    num_workers: int = Field(1, ge=1, description="Number of reward actors; each step's samples are split across them.")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs Ray reserves for each reward actor.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs for each reward actor; reward models run on the GPU when > 0.")
+    threads: int = Field(1, ge=1, description="CPU threads each reward actor's torch uses for reward models.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _function_or_sources(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("sources"):
+            return data
+        if data.get("function") is not None:
+            raise ValueError(
+                f"reward.function = '{data['function']}' and reward.sources are both set; use one: remove reward.function, "
+                f"or list it as a source ({{name: {data['function']}, weight: 1.0}})"
+            )
+        return {**data, "function": None}
+
+    @model_validator(mode="after")
+    def _labels_unique(self) -> "RewardConfig":
+        if not self.sources and self.function is None:
+            raise ValueError("reward.function is null and reward.sources is empty; set reward.function=vader_sentiment or list reward.sources")
+        labels = [source.display_name for source in self.sources]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(
+                f"reward.sources: label {repeated[0]!r} is used by more than one source; give each a distinct `label`"
+            )
+        return self
+
+    def resolved_sources(self) -> list[RewardSourceConfig]:
+        """The sources to score with: `sources`, or `function` as one source of weight 1."""
+        return list(self.sources) if self.sources else [RewardSourceConfig(name=self.function)]
 
 
 class AlgorithmConfig(Section):
-    name: Literal["grpo"] = Field("grpo", description="Policy-gradient method.")
-    kl_coef: float = Field(0.02, ge=0, description="Weight of the KL-to-reference term in the loss (beta).")
-    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Per-token estimator of KL(policy || reference).")
+    name: Literal["grpo", "ppo", "reinforce", "rloo"] = Field(
+        "grpo",
+        description=(
+            "Policy-gradient method: 'grpo' (group-relative advantages), 'ppo' (value head + GAE), "
+            "'reinforce' (EMA baseline) or 'rloo' (leave-one-out baseline within each group)."
+        ),
+    )
+    kl_coef: float = Field(0.02, ge=0, description="Initial weight of the KL-to-reference term (beta).")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Per-token estimator of KL(policy || reference) used in the loss.")
+    kl_placement: Literal["loss", "reward"] | None = Field(
+        None,
+        description=(
+            "Where the KL term goes: 'loss' (GRPO style, estimator `kl_estimator`) or 'reward' (PPO style: "
+            "-kl_coef * k1 per token added to the reward). None picks the method's convention: loss for grpo, "
+            "reward for ppo, reinforce and rloo."
+        ),
+    )
+    kl_controller: Literal["fixed", "adaptive", "phased"] = Field(
+        "fixed", description="'fixed' coefficient, 'adaptive' (Ziegler et al.: steer the KL to kl_target) or 'phased' (kl_schedule)."
+    )
+    kl_target: float = Field(0.1, gt=0, description="Adaptive controller: target KL per sequence (sum over tokens).")
+    kl_horizon: int = Field(10000, gt=0, description="Adaptive controller: samples over which the coefficient moves at most 20%.")
+    kl_schedule: list[tuple[int, float]] = Field(
+        default_factory=lambda: [(0, 0.05), (100, 0.02), (200, 0.01)],
+        description="Phased controller: [[start_step, coef], ...], first start_step 0, e.g. 0.05 -> 0.02 -> 0.01.",
+    )
     clip_low: float = Field(0.2, gt=0, description="PPO clip range below 1 for the probability ratio.")
     clip_high: float | None = Field(None, gt=0, description="Clip range above 1 ('clip-higher'); defaults to clip_low.")
-    advantage_scale: Literal["std", "none"] = Field("std", description="'std': (r - mean)/std per group; 'none': mean-only (Dr.GRPO).")
-    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "constant"] = Field(
-        "token_mean", description="How per-token losses become one number (see README: loss aggregation)."
+    advantage_scale: Literal["std", "none"] = Field("std", description="GRPO: 'std' = (r - mean)/std per group; 'none' = mean-only (Dr.GRPO).")
+    advantage_clip: float | None = Field(None, gt=0, description="Clip advantages to [-x, x] (None = off).")
+    score_normalization: Literal["none", "ema"] = Field(
+        "none", description="Normalise scores with a running (EMA) mean/std before computing advantages."
     )
-    num_iterations: int = Field(1, ge=1, description="Gradient passes over each rollout batch (mu in the GRPO paper).")
+    score_ema_momentum: float = Field(0.9, ge=0, lt=1, description="Momentum of the running score mean/std (score_normalization: ema).")
+    baseline_momentum: float = Field(0.9, ge=0, lt=1, description="REINFORCE: momentum of the EMA reward baseline.")
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "constant"] = Field(
+        "token_mean", description="How per-token losses become one number: token-mean, sequence-mean of token-means, or sum / (B * max_new_tokens) (Dr.GRPO)."
+    )
+    epochs: int = Field(
+        1, ge=1, description="Passes over each rollout batch (PPO's ppo_epochs, GRPO's num_iterations)."
+    )
+    num_minibatches: int = Field(1, ge=1, description="Optimizer steps per pass: the batch is shuffled and split into this many minibatches.")
+    importance_sampling_cap: float | None = Field(
+        None, gt=0,
+        description="Truncated importance sampling: weight each token by min(pi_learner / pi_behaviour, cap) to correct off-policy samples (None = off).",
+    )
+    gamma: float = Field(1.0, ge=0, le=1, description="PPO: discount factor in GAE.")
+    lam: float = Field(0.95, ge=0, le=1, description="PPO: GAE lambda.")
+    value_coef: float = Field(0.1, ge=0, description="PPO: weight of the value loss.")
+    value_clip: float = Field(0.2, gt=0, description="PPO: clip range of the value update around the old values.")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight (subtracted from the loss).")
+
+    @property
+    def kl_in_reward(self) -> bool:
+        placement = self.kl_placement or ("loss" if self.name == "grpo" else "reward")
+        return placement == "reward"
 
 
 class TrainConfig(Section):
@@ -114,7 +309,10 @@ class TrainConfig(Section):
     prompts_per_step: int = Field(8, ge=1, description="Prompts per step; samples per step = prompts_per_step * samples_per_prompt.")
     learning_rate: float = Field(2e-3, gt=0, description="AdamW learning rate for the LoRA parameters.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="Learning-rate schedule over train.steps after warm-up.")
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear learning-rate warm-up from 0.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient norm clip (grad_norm is logged before clipping).")
+    grad_norm_window: int = Field(20, ge=2, description="Steps over which grad_norm_mean and grad_norm_std are computed.")
     micro_batch_size: int = Field(32, ge=1, description="Samples per forward/backward; gradients accumulate over a step.")
     num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for the learner actor.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs for the learner actor.")
@@ -159,10 +357,16 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
-        if self.algorithm.name == "grpo" and self.rollout.samples_per_prompt < 2:
+        if self.algorithm.name in ("grpo", "rloo") and self.rollout.samples_per_prompt < 2:
             raise ValueError(
-                f"rollout.samples_per_prompt = {self.rollout.samples_per_prompt}: GRPO compares samples within a group, "
-                "so it needs at least 2; set rollout.samples_per_prompt=4 (or more)"
+                f"rollout.samples_per_prompt = {self.rollout.samples_per_prompt}: {self.algorithm.name.upper()} compares "
+                "samples within a group, so it needs at least 2; set rollout.samples_per_prompt=4 (or more)"
+            )
+        samples = self.train.prompts_per_step * self.rollout.samples_per_prompt
+        if samples < self.algorithm.num_minibatches:
+            raise ValueError(
+                f"algorithm.num_minibatches = {self.algorithm.num_minibatches} exceeds the {samples} samples per step; "
+                "lower num_minibatches or raise train.prompts_per_step"
             )
         if self.rollout.top_p != 1.0 or self.rollout.top_k != -1:
             raise ValueError(

@@ -64,3 +64,68 @@ class AdapterUpdate:
 
     version: int
     files: dict[str, bytes]
+
+
+@dataclass
+class RewardResult:
+    """The reward actor's answer for a batch: rewards, the per-source breakdown, and what failed.
+
+    `rewards[i]` is None when sample i is invalid (a source raised for it or gave a
+    non-finite score); `errors` then holds one entry for it per failing source with
+    keys `index`, `prompt`, `completion`, `source`, `error` (and `traceback` when an
+    exception was raised). `components[label][i]` is source `label`'s raw score
+    (before weighting and normalisation). `raw_rewards` is the weighted sum before
+    normalisation; `stats` holds the normaliser's state and per-source timings.
+    """
+
+    rewards: list[float | None]
+    components: dict[str, list[float | None]] = field(default_factory=dict)
+    errors: list[dict] = field(default_factory=list)
+    raw_rewards: list[float | None] = field(default_factory=list)
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def invalid_indices(self) -> list[int]:
+        return [i for i, reward in enumerate(self.rewards) if reward is None]
+
+    @property
+    def invalid_count(self) -> int:
+        return sum(reward is None for reward in self.rewards)
+
+    @property
+    def invalid_fraction(self) -> float:
+        return self.invalid_count / len(self.rewards) if self.rewards else 0.0
+
+    def metrics(self) -> dict[str, float]:
+        """Per-step metrics: `reward/invalid_count`, `reward/invalid_fraction`, `reward/<source>` means over valid scores, stats."""
+        metrics: dict[str, float] = {
+            "reward/invalid_count": float(self.invalid_count),
+            "reward/invalid_fraction": self.invalid_fraction,
+        }
+        for label, values in self.components.items():
+            valid = [v for v in values if v is not None]
+            if valid:
+                metrics[f"reward/{label}"] = sum(valid) / len(valid)
+        raw = [v for v in self.raw_rewards if v is not None]
+        if raw:
+            metrics["reward/raw_mean"] = sum(raw) / len(raw)
+        metrics.update(self.stats)
+        return metrics
+
+    @staticmethod
+    def concat(parts: list["RewardResult"]) -> "RewardResult":
+        """Join results for consecutive shares of one batch; error indices shift to the joined batch."""
+        merged = RewardResult(rewards=[])
+        labels = [label for part in parts for label in part.components]
+        merged.components = {label: [] for label in dict.fromkeys(labels)}
+        for part in parts:
+            offset = len(merged.rewards)
+            merged.errors.extend({**error, "index": error["index"] + offset} for error in part.errors)
+            for label in merged.components:
+                merged.components[label].extend(part.components.get(label, [None] * len(part.rewards)))
+            merged.rewards.extend(part.rewards)
+            merged.raw_rewards.extend(part.raw_rewards)
+            for key, value in part.stats.items():
+                if key.startswith("time/"):
+                    merged.stats[key] = max(merged.stats.get(key, 0.0), value)
+        return merged

@@ -54,21 +54,29 @@ def build_token_batch(samples: list[Sample], pad_token_id: int) -> TokenBatch:
     return TokenBatch(input_ids, attention_mask, completion_mask, completion_index, behaviour)
 
 
-def token_logprobs(
+@dataclass
+class TokenScores:
+    logprobs: torch.Tensor  # [B, L-1]
+    entropy: torch.Tensor | None  # [B, L-1], differentiable
+    hidden: torch.Tensor | None  # [B, L-1, H] last hidden state of each context (for value heads)
+
+
+def score_tokens(
     model,
     batch: TokenBatch,
     temperature: float = 1.0,
     eos_token_id: int | None = None,
     min_new_tokens: int = 0,
     with_entropy: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    with_hidden: bool = False,
+) -> TokenScores:
     """Log-probabilities [B, L-1] of each next token under the sampling distribution.
 
     Applies the same temperature and min-new-tokens EOS mask the rollout
     engines sample with, so the numbers are comparable with behaviour logprobs.
     """
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
-    logits = logits / temperature
+    output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=with_hidden)
+    logits = output.logits[:, :-1].float() / temperature
     if min_new_tokens > 0 and eos_token_id is not None:
         too_early = (batch.completion_index >= 0) & (batch.completion_index < min_new_tokens)
         logits[..., eos_token_id] = logits[..., eos_token_id].masked_fill(too_early, float("-inf"))
@@ -77,7 +85,7 @@ def token_logprobs(
     logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - normaliser
     entropy = None
     if with_entropy:
-        with torch.no_grad():
-            probs = torch.softmax(logits, dim=-1)
-            entropy = normaliser - (probs * logits.masked_fill(probs == 0, 0.0)).sum(-1)
-    return logprobs, entropy
+        probs = torch.softmax(logits, dim=-1)
+        entropy = normaliser - (probs * logits.masked_fill(probs == 0, 0.0)).sum(-1)
+    hidden = output.hidden_states[-1][:, :-1] if with_hidden else None
+    return TokenScores(logprobs, entropy, hidden)

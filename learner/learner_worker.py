@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -13,8 +15,8 @@ from raylign.common.config import AlgorithmConfig, ModelConfig, RolloutConfig, S
 from raylign.common.lora import adapter_files
 from raylign.common.types import AdapterUpdate, Sample
 from raylign.learner import algorithms as alg
-from raylign.learner.batching import build_token_batch, token_logprobs
-from raylign.learner.grpo import grpo_loss
+from raylign.learner.batching import TokenBatch, build_token_batch, score_tokens
+from raylign.learner.objectives import policy_objective, sequence_advantages
 from raylign.learner.sft import sft_train
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,23 +74,47 @@ class LearnerWorker:
         torch.manual_seed(self.seed)
         self.model = get_peft_model(self.model, config)
         self.model.train()
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=self.train_config.learning_rate, weight_decay=self.train_config.weight_decay)
+        hidden_size = self.model.get_input_embeddings().embedding_dim
+        # PPO's critic: a linear value head on the policy's last hidden state (zero init: V = 0 at the start).
+        self.value_head = torch.nn.Linear(hidden_size, 1).to(self.device)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+        self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
+        if self.algorithm.name == "ppo":
+            self.trainable_parameters += list(self.value_head.parameters())
+        train = self.train_config
+        self.optimizer = torch.optim.AdamW(self.trainable_parameters, lr=train.learning_rate, weight_decay=train.weight_decay)
+        optimizer_steps = train.steps * self.algorithm.epochs * self.algorithm.num_minibatches
+        warmup = train.warmup_steps * self.algorithm.epochs * self.algorithm.num_minibatches
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: learning_rate_factor(step, warmup, optimizer_steps, train.lr_schedule)
+        )
+        algo = self.algorithm
+        self.kl_controller = alg.make_kl_controller(
+            algo.kl_controller, coef=algo.kl_coef, target=algo.kl_target, horizon=algo.kl_horizon, schedule=algo.kl_schedule
+        )
+        self.shuffle_rng = torch.Generator().manual_seed(self.seed)
+        self.reward_baseline: float | None = None
+        self.score_mean: float | None = None
+        self.score_var: float | None = None
+        self.grad_norm_history: list[float] = []
         self.version = 0
-        return sum(p.numel() for p in trainable)
+        return sum(p.numel() for p in self.trainable_parameters)
 
     def publish(self) -> AdapterUpdate:
         """The current adapter, versioned, in PEFT's file format."""
         return AdapterUpdate(version=self.version, files=adapter_files(self.model, self.version))
 
-    def _logprobs(self, batch, with_entropy: bool = False):
-        return token_logprobs(
+    def _score(self, batch: TokenBatch, *, with_entropy: bool = False, with_values: bool = False):
+        scores = score_tokens(
             self.model, batch, temperature=self.rollout.temperature, eos_token_id=self.tokenizer.eos_token_id,
-            min_new_tokens=self.rollout.min_new_tokens, with_entropy=with_entropy,
+            min_new_tokens=self.rollout.min_new_tokens, with_entropy=with_entropy, with_hidden=with_values,
         )
+        values = self.value_head(scores.hidden.float()).squeeze(-1) if with_values else None
+        return scores, values
 
     def train_step(self, samples: list[Sample], rewards: list[float]) -> dict:
-        """One GRPO update on a batch of K-sample groups (contiguous per prompt)."""
+        """One update of the configured method on a batch of K-sample groups (contiguous per prompt)."""
         if self.optimizer is None:
             raise RuntimeError("attach_lora must be called before train_step")
         stale = [s.policy_version for s in samples if s.policy_version != self.version]
@@ -97,61 +123,123 @@ class LearnerWorker:
                 f"{len(stale)} samples come from policy version {stale[0]} but the learner is at {self.version}; "
                 "on-policy training needs every sample from the current version"
             )
-        algo, K = self.algorithm, self.rollout.samples_per_prompt
+        algo, is_ppo = self.algorithm, self.algorithm.name == "ppo"
         start = time.perf_counter()
         batch = build_token_batch(samples, self.tokenizer.pad_token_id).to(self.device)
         mask = batch.completion_mask
-        rewards_tensor = torch.tensor(rewards, dtype=torch.float32, device=self.device)
-        advantages = alg.group_advantages(rewards_tensor, K, scale=algo.advantage_scale)
+        scores = self._normalise_scores(torch.tensor(rewards, dtype=torch.float32, device=self.device))
+        kl_coef = self.kl_controller.value
 
         with torch.no_grad():
-            old_logp, entropy = self._logprobs(batch, with_entropy=True)
+            old, old_values = self._score(batch, with_entropy=True, with_values=is_ppo)
             with self.model.disable_adapter():
-                ref_logp, _ = self._logprobs(batch)
-        gap = (old_logp - batch.behaviour_logprobs).abs()
-        stats_sum: dict[str, float] = {}
-        micro = self.train_config.micro_batch_size
-        num_micro = 0
-        grad_norms = []
-        for _ in range(algo.num_iterations):
-            for first in range(0, len(samples), micro):
-                rows = slice(first, first + micro)
-                part = batch.select(rows)
-                logp, _ = self._logprobs(part)
-                loss, stats = grpo_loss(
-                    logp, old_logp[rows], ref_logp[rows], advantages[rows], part.completion_mask,
-                    clip_low=algo.clip_low, clip_high=algo.clip_high, kl_coef=algo.kl_coef,
-                    kl_estimator=algo.kl_estimator, aggregation=algo.loss_aggregation,
-                    max_new_tokens=self.rollout.max_new_tokens,
-                )
-                # Micro-batches are weighted by their share of the samples.
-                (loss * (logp.shape[0] / len(samples))).backward()
-                for key, value in {"loss": loss.detach(), **stats}.items():
-                    stats_sum[key] = stats_sum.get(key, 0.0) + float(value)
-                num_micro += 1
-            parameters = [p for p in self.model.parameters() if p.requires_grad]
-            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(parameters, self.train_config.max_grad_norm)))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+                ref, _ = self._score(batch)
+        old_logp, ref_logp = old.logprobs, ref.logprobs
+        kl_k1 = alg.kl_per_token(old_logp, ref_logp, "k1")
+        sequence_kl = alg.masked_sum(kl_k1, mask, dim=-1)
+        importance = (alg.truncated_importance_weights(old_logp, batch.behaviour_logprobs, algo.importance_sampling_cap)
+                      if algo.importance_sampling_cap is not None else None)
+
+        if is_ppo:
+            token_rewards = alg.eos_rewards_with_kl(scores, kl_k1, mask, kl_coef if algo.kl_in_reward else 0.0)
+            advantages, returns = alg.gae(token_rewards, old_values, mask, algo.gamma, algo.lam)
+            advantages = alg.masked_whiten(advantages, mask)
+        else:
+            shaped = scores - kl_coef * sequence_kl if algo.kl_in_reward else scores
+            advantages = sequence_advantages(algo.name, shaped, self.rollout.samples_per_prompt,
+                                             advantage_scale=algo.advantage_scale, baseline=self.reward_baseline)
+            if algo.name == "reinforce":
+                self.reward_baseline = alg.ema_update(self.reward_baseline, float(shaped.mean()), algo.baseline_momentum)
+        advantages = alg.clip_advantages(advantages, algo.advantage_clip)
+
+        totals: dict[str, float] = {}
+        updates, grad_norms = 0, []
+        for _ in range(algo.epochs):
+            order = torch.randperm(len(samples), generator=self.shuffle_rng) if algo.num_minibatches > 1 else torch.arange(len(samples))
+            for minibatch in torch.tensor_split(order, algo.num_minibatches):
+                for rows in torch.split(minibatch, self.train_config.micro_batch_size):
+                    part = batch.select(rows)
+                    current, values = self._score(part, with_entropy=algo.entropy_coef > 0, with_values=is_ppo)
+                    loss, stats = policy_objective(
+                        current.logprobs, old_logp[rows], ref_logp[rows], advantages[rows], part.completion_mask,
+                        clip_low=algo.clip_low, clip_high=algo.clip_high,
+                        kl_coef_in_loss=0.0 if algo.kl_in_reward else kl_coef, kl_estimator=algo.kl_estimator,
+                        aggregation=algo.loss_aggregation, max_new_tokens=self.rollout.max_new_tokens,
+                        importance_weights=None if importance is None else importance[rows],
+                        entropy=current.entropy, entropy_coef=algo.entropy_coef,
+                    )
+                    if is_ppo:
+                        value_loss = alg.masked_mean(
+                            alg.clipped_value_loss(values, old_values[rows], returns[rows], part.completion_mask, algo.value_clip),
+                            part.completion_mask,
+                        )
+                        loss = loss + algo.value_coef * value_loss
+                        stats["value_loss"] = value_loss.detach()
+                    # Micro-batches are weighted by their share of the minibatch.
+                    (loss * (len(rows) / len(minibatch))).backward()
+                    for key, value in {"loss": loss.detach(), **stats}.items():
+                        totals[key] = totals.get(key, 0.0) + float(value) * len(rows)
+                grad_norms.append(self._optimizer_step())
+                updates += len(minibatch)
         self.version += 1
-        metrics = {key: value / num_micro for key, value in stats_sum.items()}
+        self.kl_controller.update(float(sequence_kl.mean()), len(samples) if algo.kl_controller == "adaptive" else 1)
+        self.grad_norm_history.append(grad_norms[-1])
+        window = self.grad_norm_history[-self.train_config.grad_norm_window:]
+        metrics = {key: value / updates for key, value in totals.items()}
+        gap = (old_logp - batch.behaviour_logprobs).abs()
         metrics.update({
             "grad_norm": grad_norms[-1],
-            "entropy": float(alg.masked_mean(entropy, mask)),
+            "grad_norm_mean": statistics.fmean(window),
+            "grad_norm_std": statistics.pstdev(window),
+            "entropy": float(alg.masked_mean(old.entropy, mask)),
+            "kl_sequence": float(sequence_kl.mean()),
+            "kl_coef": kl_coef,
+            "kl_placement": "reward" if algo.kl_in_reward else "loss",
             "rollout/logprob_gap": float(alg.masked_mean(gap, mask)),
             "rollout/logprob_gap_max": float((gap * mask).max()),
             "response_length_mean": float(mask.sum(-1).mean()),
-            "kl_coef": algo.kl_coef,
+            "learning_rate": self.scheduler.get_last_lr()[0],
             "policy_version": self.version,
             "learn_seconds": time.perf_counter() - start,
         })
+        if importance is not None:
+            metrics["importance_weight_mean"] = float(alg.masked_mean(importance, mask))
+        if is_ppo:
+            metrics["explained_variance"] = alg.explained_variance(old_values, returns, mask)
         return metrics
+
+    def _normalise_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.algorithm.score_normalization == "none":
+            return scores
+        momentum = self.algorithm.score_ema_momentum
+        self.score_mean = alg.ema_update(self.score_mean, float(scores.mean()), momentum)
+        self.score_var = alg.ema_update(self.score_var, float(scores.var(unbiased=False)), momentum)
+        return (scores - self.score_mean) / math.sqrt(self.score_var + 1e-8)
+
+    def _optimizer_step(self) -> float:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters, self.train_config.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
 
     def save_checkpoint(self, directory: str, driver_state: dict) -> str:
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path / "adapter")
-        torch.save({"optimizer": self.optimizer.state_dict(), "version": self.version,
+        torch.save({"optimizer": self.optimizer.state_dict(), "value_head": self.value_head.state_dict(), "version": self.version,
                     "torch_rng": torch.get_rng_state()}, path / "learner_state.pt")
         (path / "driver_state.json").write_text(json.dumps(driver_state, indent=2))
         return str(path)
+
+
+def learning_rate_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the base learning rate: linear warm-up, then constant, linear or cosine decay to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))

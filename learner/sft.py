@@ -1,10 +1,23 @@
-"""Supervised fine-tuning on plain text: next-token loss on non-padding tokens."""
+"""Supervised fine-tuning: on plain text (`sft_train`, next-token loss on non-padding tokens), and on
+prompt/completion pairs with the prompt masked out of the loss (`masked_sft_train`)."""
 
 from __future__ import annotations
 
+import importlib.util
+import math
 import random
+from collections.abc import Sequence
 
 import torch
+
+from raylign.common.preference_data import PreferenceExample
+from raylign.common.prompt_completion import (
+    IGNORE_INDEX,
+    collate_prompt_completion,
+    encode_prompt_completion,
+    pad_token_id,
+)
+from raylign.learner import offline_loop
 
 
 def sft_train(
@@ -44,3 +57,141 @@ def sft_train(
         losses.append(loss.item())
     model.eval()
     return losses
+
+
+# ----- prompt-masked SFT on (prompt, completion) pairs -----
+
+
+def build_sft_example(
+    tokenizer,
+    prompt: str,
+    completion: str,
+    *,
+    max_length: int,
+    messages: list[dict] | None = None,
+    chat_template: bool | None = None,
+) -> dict[str, list[int]]:
+    """{input_ids, labels} for one pair: labels are the input ids with every prompt token at -100.
+
+    The chat template is used when the tokenizer has one (chat_template=None) or when asked (True).
+    """
+    prompt_ids, completion_ids = encode_prompt_completion(
+        tokenizer, prompt, completion, messages=messages, chat_template=chat_template, max_length=max_length
+    )
+    return {"input_ids": prompt_ids + completion_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + completion_ids}
+
+
+def encode_sft_examples(tokenizer, examples: Sequence[PreferenceExample], *, max_length: int,
+                        chat_template: bool | None = None) -> list[tuple[list[int], list[int]]]:
+    """(prompt_ids, completion_ids) per example, the completion being the example's `chosen`."""
+    encoded = []
+    for index, example in enumerate(examples):
+        if example.chosen is None:
+            raise ValueError(f"SFT example {index} has no completion (chosen is None); SFT needs prompt + chosen pairs")
+        encoded.append(encode_prompt_completion(
+            tokenizer, example.prompt, example.chosen, messages=example.extra.get("prompt_messages"),
+            chat_template=chat_template, max_length=max_length,
+        ))
+    return encoded
+
+
+def completion_token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL over the labelled (completion) tokens, and how many there are."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return nll, (targets != IGNORE_INDEX).sum()
+
+
+def masked_sft_train(
+    model,
+    tokenizer,
+    examples: Sequence[PreferenceExample],
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    max_length: int,
+    seed: int,
+    chat_template: bool | None = None,
+    eval_examples: Sequence[PreferenceExample] | None = None,
+    eval_every: int = 0,
+    max_grad_norm: float = 1.0,
+    trainable_parameters=None,
+) -> list[dict[str, float]]:
+    """Train on prompt -> chosen with the loss on completion tokens only (token mean over the batch).
+
+    Works on a plain or a PEFT model (only parameters with requires_grad train). Returns one metrics row per
+    step (`step`, `loss`, `grad_norm`); every `eval_every` steps and at the end, rows also carry
+    `eval/loss` and `eval/perplexity` on `eval_examples`.
+    """
+    encoded = encode_sft_examples(tokenizer, examples, max_length=max_length, chat_template=chat_template)
+    parameters = offline_loop.trainable_parameters(model, trainable_parameters)
+    optimiser = offline_loop.Optimiser(parameters, learning_rate, steps, max_grad_norm)
+    device = next(model.parameters()).device
+    pad_id = pad_token_id(tokenizer)
+    batches = offline_loop.index_batches(len(encoded), batch_size, seed)
+    history = []
+    model.train()
+    for step in range(1, steps + 1):
+        batch = collate_prompt_completion([encoded[i] for i in next(batches)], pad_id)
+        nll, tokens = completion_token_nll(model, {k: v.to(device) for k, v in batch.items()})
+        loss = nll / tokens.clamp(min=1)
+        row = {"step": step, "loss": loss.item(), "grad_norm": optimiser.step(loss)}
+        if eval_examples and (step == steps or (eval_every and step % eval_every == 0)):
+            row.update(sft_eval(model, tokenizer, eval_examples, batch_size=batch_size, max_length=max_length,
+                                chat_template=chat_template))
+            model.train()
+        history.append(row)
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def sft_eval(
+    model,
+    tokenizer,
+    examples: Sequence[PreferenceExample],
+    *,
+    batch_size: int,
+    max_length: int,
+    chat_template: bool | None = None,
+) -> dict[str, float]:
+    """Held-out loss (mean NLL per completion token over the whole set) and its perplexity."""
+    encoded = encode_sft_examples(tokenizer, examples, max_length=max_length, chat_template=chat_template)
+    device = next(model.parameters()).device
+    pad_id = pad_token_id(tokenizer)
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(encoded), batch_size):
+        batch = collate_prompt_completion(encoded[start:start + batch_size], pad_id)
+        nll, tokens = completion_token_nll(model, {k: v.to(device) for k, v in batch.items()})
+        total_nll += nll.item()
+        total_tokens += int(tokens)
+    loss = total_nll / max(total_tokens, 1)
+    return {"eval/loss": loss, "eval/perplexity": math.exp(loss), "eval/tokens": total_tokens}
+
+
+# ----- QLoRA -----
+
+
+def qlora_quantization_config(field: str = "model.quantization", value: str = "4bit", compute_dtype=torch.bfloat16):
+    """bitsandbytes 4-bit NF4 config (double quantisation) for QLoRA; pass it as `quantization_config=` to
+    `from_pretrained`, then `peft.prepare_model_for_kbit_training` before attaching LoRA.
+
+    Raises ValueError naming `field` = `value` and the fix when there is no CUDA GPU or no bitsandbytes.
+    """
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"{field} = {value}: QLoRA's 4-bit weights need bitsandbytes on a CUDA GPU, and no GPU is visible here; "
+            f"remove {field} (plain LoRA on full-precision weights) or run on a GPU node"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"{field} = {value}: bitsandbytes is not installed; pip install bitsandbytes, or remove {field}")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype,
+    )

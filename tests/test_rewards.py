@@ -36,6 +36,6 @@ def test_unknown_reward_names_the_field_and_choices():
         resolve_reward_function("nope")
 
 
-def test_non_finite_reward_stops_with_the_offending_completion():
-    with pytest.raises(RewardError, match=r"non-finite score for 2 samples.*'x'"):
+def test_non_finite_reward_stops_score_with_the_source_and_offending_completion():
+    with pytest.raises(RewardError, match=r"2 of 2 samples have no valid reward; first: sample 0, source 'nan_reward': returned a non-finite score \(nan\) \(completion 'x'\)"):
         RewardWorker("tests.test_rewards:nan_reward").score(make_samples(["x", "y"]))

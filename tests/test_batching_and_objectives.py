@@ -3,8 +3,8 @@ import math
 import torch
 
 from raylign.common.types import Sample
-from raylign.learner.batching import build_token_batch, token_logprobs
-from raylign.learner.grpo import grpo_loss
+from raylign.learner.batching import build_token_batch, score_tokens
+from raylign.learner.objectives import policy_objective, sequence_advantages
 
 
 def sample(prompt_ids, completion_ids, logprobs):
@@ -28,7 +28,7 @@ class FixedLogits(torch.nn.Module):
         super().__init__()
         self.table = torch.tensor(logits)
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, output_hidden_states=False):
         out = self.table.expand(input_ids.shape[0], input_ids.shape[1], -1)
         return type("Output", (), {"logits": out})()
 
@@ -36,14 +36,14 @@ class FixedLogits(torch.nn.Module):
 def test_token_logprobs_apply_temperature_and_min_token_eos_mask():
     model = FixedLogits([0.0, math.log(3.0), 0.0])  # probs 1/5, 3/5, 1/5 at T=1
     batch = build_token_batch([sample([0], [1, 2], [0.0, 0.0])], pad_token_id=0)
-    logp, _ = token_logprobs(model, batch)
+    logp = score_tokens(model, batch).logprobs
     assert torch.allclose(logp[0], torch.log(torch.tensor([3 / 5, 1 / 5])), atol=1e-6)
     # T=2 halves the logits: weights 1, sqrt(3), 1.
-    logp, _ = token_logprobs(model, batch, temperature=2.0)
+    logp = score_tokens(model, batch, temperature=2.0).logprobs
     z = 2 + math.sqrt(3)
     assert torch.allclose(logp[0], torch.log(torch.tensor([math.sqrt(3) / z, 1 / z])), atol=1e-6)
     # EOS (id 2) masked for the first completion token only: token 1 then has prob 3/4.
-    logp, _ = token_logprobs(model, batch, eos_token_id=2, min_new_tokens=1)
+    logp = score_tokens(model, batch, eos_token_id=2, min_new_tokens=1).logprobs
     assert torch.allclose(logp[0], torch.log(torch.tensor([3 / 4, 1 / 5])), atol=1e-6)
 
 
@@ -53,8 +53,8 @@ def test_grpo_loss_on_policy_equals_minus_advantage_plus_kl():
     ref_logp = torch.log(torch.tensor([[0.5, 0.5], [0.25, 0.5]]))
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
     advantages = torch.tensor([1.0, -1.0])
-    loss, stats = grpo_loss(logp, logp.detach(), ref_logp, advantages, mask, clip_low=0.2, clip_high=None,
-                            kl_coef=0.1, kl_estimator="k3", aggregation="token_mean", max_new_tokens=2)
+    loss, stats = policy_objective(logp, logp.detach(), ref_logp, advantages, mask, clip_low=0.2, clip_high=None,
+                                   kl_coef_in_loss=0.1, kl_estimator="k3", aggregation="token_mean", max_new_tokens=2)
     # k3 = r - log r - 1 with r = ref/pi: token (0,1): r=2 -> 1 - ln2; token (1,0): r=0.5 -> ln2 - 0.5; others 0.
     kl_tokens = [0.0, 1 - math.log(2), math.log(2) - 0.5]
     expected_kl = sum(kl_tokens) / 3
@@ -62,3 +62,13 @@ def test_grpo_loss_on_policy_equals_minus_advantage_plus_kl():
     assert math.isclose(stats["policy_loss"].item(), (-1 - 1 + 1) / 3, rel_tol=1e-6)
     assert math.isclose(loss.item(), (-1 - 1 + 1) / 3 + 0.1 * expected_kl, rel_tol=1e-5)
     assert stats["clip_fraction"].item() == 0.0
+
+
+def test_sequence_advantages_for_each_method():
+    scores = torch.tensor([1.0, 3.0, 0.0, 0.0])
+    # GRPO, mean-only: group means 2 and 0.
+    assert sequence_advantages("grpo", scores, 2, advantage_scale="none").tolist() == [-1.0, 1.0, 0.0, 0.0]
+    # RLOO: r_i - mean of the others: 1-3, 3-1, 0-0, 0-0.
+    assert sequence_advantages("rloo", scores, 2).tolist() == [-2.0, 2.0, 0.0, 0.0]
+    # REINFORCE: r - baseline.
+    assert sequence_advantages("reinforce", scores, 2, baseline=0.5).tolist() == [0.5, 2.5, -0.5, -0.5]
