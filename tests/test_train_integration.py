@@ -49,3 +49,25 @@ def test_builtin_model_is_built_and_warm_started_by_sft_before_rl(ray_session, t
     assert (tmp_path / "sft_model" / "model.safetensors").is_file()
     assert results["sft_loss_last"] < results["sft_loss_first"] - 1.0
     assert results["steps"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ppo", "reinforce", "rloo"])
+def test_each_policy_gradient_method_raises_reward(method, warm_model_dir, ray_session, tmp_path):
+    overrides = [
+        f"output_dir={tmp_path}", f"model.path={warm_model_dir}", "sft.steps=0", "rollout.backend=hf",
+        f"algorithm.name={method}", "train.steps=16", "logging.progress=false",
+    ]
+    if method == "ppo":
+        overrides += ["algorithm.epochs=2", "algorithm.num_minibatches=2", "algorithm.kl_controller=adaptive",
+                      "algorithm.kl_target=0.5", "algorithm.kl_horizon=200"]
+    train(load_config("configs/quickstart.yaml", overrides))
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    first = sum(m["reward_mean"] for m in metrics[:4]) / 4
+    last = sum(m["reward_mean"] for m in metrics[-4:]) / 4
+    assert last > first + 0.2, (method, first, last)
+    assert all(m["kl_placement"] == "reward" for m in metrics)
+    if method == "ppo":
+        assert {"value_loss", "explained_variance"} <= set(metrics[-1])
+        # KL above the 0.5 target pushes the adaptive coefficient up.
+        assert metrics[-1]["kl_sequence"] > 0.5 and metrics[-1]["kl_coef"] > metrics[0]["kl_coef"]
