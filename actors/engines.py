@@ -15,8 +15,8 @@ from typing import Protocol
 
 import torch
 
-from raylign.common.lora import adapter_lora_config, adapter_state_dict, write_adapter
-from raylign.common.types import AdapterUpdate, Completion, PromptItem, SamplingSettings
+from raylign.common.lora import adapter_lora_config, adapter_state_dict, load_merged_weights, write_adapter
+from raylign.common.types import AdapterUpdate, Completion, MergedWeightsUpdate, PromptItem, SamplingSettings
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,6 +27,9 @@ class RolloutEngine(Protocol):
 
     def load_adapter(self, update: AdapterUpdate) -> None:
         """Make `update` the adapter every following `generate` samples with."""
+
+    def load_merged_weights(self, update: MergedWeightsUpdate) -> None:
+        """Overwrite the base weights of the adapted layers with merged weights."""
 
 
 class HFEngine:
@@ -48,6 +51,16 @@ class HFEngine:
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise RuntimeError(f"adapter version {update.version} has tensors the rollout model lacks: {unexpected[:3]}")
+
+    @torch.no_grad()
+    def load_merged_weights(self, update: MergedWeightsUpdate) -> None:
+        weights = load_merged_weights(update.weights)
+        parameters = dict(self.model.named_parameters())
+        missing = [name for name in weights if name not in parameters]
+        if missing:
+            raise RuntimeError(f"merged weights version {update.version} name parameters the rollout model lacks: {missing[:3]}")
+        for name, tensor in weights.items():
+            parameters[name].copy_(tensor)
 
     @torch.no_grad()
     def generate(self, prompts: list[PromptItem], settings: SamplingSettings) -> list[list[Completion]]:
@@ -105,16 +118,24 @@ class VLLMEngine:
         max_model_len: int = 256,
         gpu_memory_utilization: float = 0.4,
         keep_versions: int = 1,
+        enable_lora: bool = True,
     ):
         from vllm import LLM
+        from vllm.platforms import current_platform
 
+        if not enable_lora and current_platform.is_cpu():
+            raise ValueError(
+                "rollout.weight_sync = 'merged' does not work with vLLM's CPU engine: it repacks linear weights at "
+                "load time and drops the originals, so they cannot be overwritten. Use rollout.weight_sync=lora, or "
+                "rollout.backend=hf, or a GPU build of vLLM"
+            )
+        lora_args = {"max_lora_rank": max_lora_rank, "max_loras": keep_versions + 1} if enable_lora else {}
         self.llm = LLM(
             model=model_path,
             dtype=dtype,
             seed=seed,
-            enable_lora=True,
-            max_lora_rank=max_lora_rank,
-            max_loras=keep_versions + 1,
+            enable_lora=enable_lora,
+            **lora_args,
             max_model_len=max_model_len,
             logprobs_mode="processed_logprobs",
             enforce_eager=True,
@@ -137,6 +158,12 @@ class VLLMEngine:
             old_version, old_request = self.loaded.pop(0)
             self.llm.llm_engine.remove_lora(old_request.lora_int_id)
             shutil.rmtree(self.adapter_root / f"v{old_version}", ignore_errors=True)
+
+    def load_merged_weights(self, update: MergedWeightsUpdate) -> None:
+        weights = list(load_merged_weights(update.weights).items())
+        self.llm.apply_model(lambda model: model.load_weights(weights))
+        # Cached prefixes were computed with the old weights.
+        self.llm.reset_prefix_cache()
 
     def generate(self, prompts: list[PromptItem], settings: SamplingSettings) -> list[list[Completion]]:
         from vllm import SamplingParams

@@ -36,7 +36,6 @@ class RewardWorker:
             config = RewardConfig(function=config)
         self.config = config
         sources = config.resolved_sources()
-        self.name = ", ".join(source.name for source in sources)
         self.device = device or "cpu"
         if any(source.is_reward_model for source in sources):
             import torch
@@ -44,7 +43,14 @@ class RewardWorker:
             torch.set_num_threads(config.threads)
             if device is None and config.num_gpus > 0 and torch.cuda.is_available():
                 self.device = "cuda"
-        self.sources: list[RewardSource] = [build_source(source, self.device, config.batch_size) for source in sources]
+        if config.sources:
+            locations = [(f"reward.sources[{i}]", None) for i in range(len(sources))]
+        else:
+            locations = [("reward", "reward.function")]
+        self.sources: list[RewardSource] = [
+            build_source(source, self.device, config.batch_size, field, name_field)
+            for source, (field, name_field) in zip(sources, locations)
+        ]
         self.normalizer = RunningNormalizer(config.ema_momentum) if config.normalize == "running" else None
 
     def score(self, samples: list[Sample]) -> list[float]:

@@ -103,15 +103,24 @@ class RewardSource:
     score: Callable[[list[str], list[str], dict[str, list]], list[Any]]
 
 
-def build_source(config: RewardSourceConfig, device: str = "cpu", batch_size: int = 64) -> RewardSource:
-    """Resolve a function or load a reward model (once) for one configured source."""
+def build_source(
+    config: RewardSourceConfig, device: str = "cpu", batch_size: int = 64, field: str | None = None, name_field: str | None = None
+) -> RewardSource:
+    """Resolve a function or load a reward model (once) for one configured source.
+
+    Errors name `field` (where the source sits in the config, e.g. 'reward.sources[1]')
+    and `name_field` (where its name sits, e.g. 'reward.function').
+    """
+    field = field or f"reward.sources[name={config.name!r}]"
+    name_field = name_field or f"{field}.name"
     if config.is_reward_model:
-        return RewardSource(config.display_name, config.weight, _model_scorer(config, device, batch_size))
-    return RewardSource(config.display_name, config.weight, _function_scorer(config))
+        return RewardSource(config.display_name, config.weight, _model_scorer(config, device, batch_size, field))
+    return RewardSource(config.display_name, config.weight, _function_scorer(config, field, name_field))
 
 
-def _function_scorer(config: RewardSourceConfig) -> Callable[[list[str], list[str], dict[str, list]], list[Any]]:
-    field = f"reward.sources[name={config.name!r}]"
+def _function_scorer(
+    config: RewardSourceConfig, field: str, name_field: str
+) -> Callable[[list[str], list[str], dict[str, list]], list[Any]]:
     if config.options and config.name in CONFIGURABLE_FUNCTIONS:
         try:
             function, options = CONFIGURABLE_FUNCTIONS[config.name](config.options), {}
@@ -120,7 +129,7 @@ def _function_scorer(config: RewardSourceConfig) -> Callable[[list[str], list[st
     elif config.options and config.name in REWARD_FUNCTIONS:
         raise ValueError(f"{field}.options = {config.options}: '{config.name}' takes no options; remove them")
     else:
-        function, options = resolve_reward_function(config.name, field=f"{field}.name"), dict(config.options)
+        function, options = resolve_reward_function(config.name, field=name_field), dict(config.options)
     signature = _signature(function)
     if signature is not None:
         try:
@@ -165,15 +174,30 @@ async def _wait_for(awaitable):
     return await awaitable
 
 
-def _model_scorer(config: RewardSourceConfig, device: str, batch_size: int) -> Callable[[list[str], list[str], dict[str, list]], list[Any]]:
+def _model_scorer(
+    config: RewardSourceConfig, device: str, batch_size: int, field: str
+) -> Callable[[list[str], list[str], dict[str, list]], list[Any]]:
     from raylign.common.reward_models import load_reward_model
 
     options = config.options
-    model = load_reward_model(
-        config.path, kind=config.name.removesuffix("_rm"), adapter=options.get("adapter"),
-        dtype=options.get("dtype"), max_length=options.get("max_length"),
-    ).to(device)
-    template = options.get("template", "{prompt}{completion}")
+    try:
+        model = load_reward_model(
+            config.path, kind=config.name.removesuffix("_rm"), adapter=options.get("adapter"),
+            dtype=options.get("dtype"), max_length=options.get("max_length"),
+        )
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{field}.path = '{config.path}': {exc}") from exc
+    model.to(device)
+    template = options.get("template")
+    if template is None and model.kind != "classifier":
+        # Pairwise reward models score what their training saw: prompt, completion, EOS.
+        chat_template = options.get("chat_template")
+
+        def score_pairs(prompts: list[str], completions: list[str], extra: dict[str, list]) -> list[Any]:
+            return model.score_prompt_completions(prompts, completions, batch_size=batch_size, chat_template=chat_template)
+
+        return score_pairs
+    template = template or "{prompt}{completion}"
 
     def score(prompts: list[str], completions: list[str], extra: dict[str, list]) -> list[Any]:
         texts = [template.format(prompt=p, completion=c) for p, c in zip(prompts, completions, strict=True)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from raylign.common.types import AdapterUpdate, PromptItem, Sample, SamplingSettings
+from raylign.common.types import AdapterUpdate, MergedWeightsUpdate, PromptItem, Sample, SamplingSettings
 
 
 class RolloutWorker:
@@ -22,6 +22,8 @@ class RolloutWorker:
         kv_cache_gib: int = 1,
         gpu_memory_utilization: float = 0.4,
         device: str = "cpu",
+        weight_sync: str = "lora",
+        keep_versions: int = 1,
     ):
         # vLLM reads these at import time; the engine runs in this process so
         # Ray's CPU accounting is the real one.
@@ -37,7 +39,8 @@ class RolloutWorker:
             from raylign.actors.engines import VLLMEngine
 
             self.engine = VLLMEngine(model_path, dtype=dtype, seed=seed, max_lora_rank=lora_rank,
-                                     gpu_memory_utilization=gpu_memory_utilization)
+                                     gpu_memory_utilization=gpu_memory_utilization, keep_versions=keep_versions,
+                                     enable_lora=weight_sync == "lora")
         elif backend == "hf":
             from raylign.actors.engines import HFEngine
 
@@ -46,10 +49,13 @@ class RolloutWorker:
             raise ValueError(f"rollout.backend = '{backend}' is not supported; use 'vllm' or 'hf'")
         self.policy_version: int | None = None
 
-    def load_adapter(self, update: AdapterUpdate) -> float:
-        """Install adapter `update`; returns the seconds it took."""
+    def load_update(self, update: AdapterUpdate | MergedWeightsUpdate) -> float:
+        """Install a published policy version (adapter or merged weights); returns the seconds it took."""
         start = time.perf_counter()
-        self.engine.load_adapter(update)
+        if isinstance(update, MergedWeightsUpdate):
+            self.engine.load_merged_weights(update)
+        else:
+            self.engine.load_adapter(update)
         self.policy_version = update.version
         return time.perf_counter() - start
 

@@ -14,13 +14,15 @@ from pathlib import Path
 
 import ray
 
-from raylign.actors.reward_worker import RewardWorker
+from raylign.actors.reward_worker import check_invalid_fraction
 from raylign.cluster.prompts import PromptSampler
 from raylign.cluster.ray_setup import start_ray
+from raylign.cluster.reward_pool import RewardPool
 from raylign.cluster.rollout_pool import RolloutPool
 from raylign.common.config import BUILTIN_MODEL_PREFIX, RunConfig, config_to_yaml
 from raylign.common.data import BUILTIN_REVIEWS, load_text_column
 from raylign.common.run_logging import RunLogger
+from raylign.common.types import Sample
 from raylign.learner.learner_worker import LearnerWorker
 
 
@@ -44,9 +46,9 @@ def train(config: RunConfig) -> dict:
     ray.get(learner.attach_lora.remote())
 
     rollouts = RolloutPool(config, model_path)
-    reward = ray.remote(RewardWorker).options(num_cpus=config.reward.num_cpus).remote(config.reward.function)
+    rewards = RewardPool(config.reward)
     sampler = make_prompt_sampler(config, model_path, output_dir)
-    rollouts.load_adapter(learner.publish.remote())
+    rollouts.publish(learner.publish.remote())
     logger = RunLogger(output_dir, config.model_dump(mode="json"), use_wandb=config.logging.wandb,
                        wandb_project=config.logging.wandb_project, wandb_mode=config.logging.wandb_mode)
     history: list[dict] = []
@@ -59,21 +61,25 @@ def train(config: RunConfig) -> dict:
             samples = rollouts.generate(prompts)
             generate_done = time.perf_counter()
 
-            rewards = ray.get(reward.score.remote(samples))
-            for sample, value in zip(samples, rewards, strict=True):
+            scored = rewards.score_batch(samples)
+            for sample, value in zip(samples, scored.rewards, strict=True):
                 sample.reward = value
+            logger.log_reward_errors(step, scored.errors)
+            check_invalid_fraction(scored, config.reward.max_invalid_fraction, step)
+            valid, group_sizes = valid_samples_and_groups(samples, config.rollout.samples_per_prompt)
             reward_done = time.perf_counter()
 
-            learner_metrics = ray.get(learner.train_step.remote(samples, rewards))
+            learner_metrics = ray.get(learner.train_step.remote(valid, [s.reward for s in valid], group_sizes))
             check_sync(learner_metrics, config.rollout.sync_tolerance, step)
             learn_done = time.perf_counter()
 
-            publish_seconds = rollouts.load_adapter(learner.publish.remote())
+            publish_seconds = rollouts.publish(learner.publish.remote())
 
             metrics = {
                 "step": step,
-                "reward_mean": statistics.fmean(rewards),
-                "reward_std": statistics.pstdev(rewards),
+                "reward_mean": statistics.fmean(s.reward for s in valid),
+                "reward_std": statistics.pstdev(s.reward for s in valid),
+                **scored.metrics(),
                 **learner_metrics,
                 "time/generate_s": generate_done - step_start,
                 "time/reward_s": reward_done - generate_done,
@@ -86,13 +92,22 @@ def train(config: RunConfig) -> dict:
             logger.log_metrics(metrics)
             logger.log_samples(step, samples, config.logging.samples_per_step)
             if config.train.checkpoint_every and (step + 1) % config.train.checkpoint_every == 0:
-                checkpoint(learner, output_dir, step, sampler)
+                checkpoint(learner, rewards, output_dir, step, sampler)
     finally:
         logger.close()
-    final_checkpoint = checkpoint(learner, output_dir, config.train.steps - 1, sampler)
+    final_checkpoint = checkpoint(learner, rewards, output_dir, config.train.steps - 1, sampler)
     results = summarise(history, time.perf_counter() - run_start, sft_metrics, final_checkpoint)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def valid_samples_and_groups(samples: list[Sample], group_size: int) -> tuple[list[Sample], list[int]]:
+    """Samples with a valid reward, and the sizes of their (now possibly smaller) prompt groups, in order."""
+    valid = [(i // group_size, s) for i, s in enumerate(samples) if s.reward is not None]
+    sizes: dict[int, int] = {}
+    for group, _ in valid:
+        sizes[group] = sizes.get(group, 0) + 1
+    return [s for _, s in valid], list(sizes.values())
 
 
 def resolve_model_path(config: RunConfig, output_dir: Path) -> str:
@@ -136,8 +151,8 @@ def check_sync(learner_metrics: dict, tolerance: float, step: int) -> None:
         )
 
 
-def checkpoint(learner, output_dir: Path, step: int, sampler: PromptSampler) -> str:
-    state = {"step": step, "prompt_cursor": asdict(sampler.cursor)}
+def checkpoint(learner, rewards: RewardPool, output_dir: Path, step: int, sampler: PromptSampler) -> str:
+    state = {"step": step, "prompt_cursor": asdict(sampler.cursor), "reward_normalizer": rewards.state_dict()}
     return ray.get(learner.save_checkpoint.remote(str(output_dir / "checkpoints" / f"step_{step + 1:06d}"), state))
 
 

@@ -77,6 +77,18 @@ class RolloutConfig(Section):
     )
     top_k: int = Field(-1, description="Top-k sampling (-1 = off). Must stay -1 for RL, for the same reason as top_p.")
     threads: int = Field(1, ge=1, description="CPU threads each rollout actor's engine uses.")
+    weight_sync: Literal["lora", "merged"] = Field(
+        "lora",
+        description=(
+            "How a new policy reaches the rollout actors: 'lora' loads the adapter under a new id per version "
+            "(small transfer, ~1.35x decode cost on GPU); 'merged' sends W + BA for the adapted layers and the "
+            "engine runs without LoRA."
+        ),
+    )
+    keep_versions: int = Field(1, ge=1, description="Adapter versions each vLLM actor keeps loaded (more for in-flight staleness).")
+    dispatch_chunk: int = Field(
+        2, ge=1, description="Prompts per work item; idle rollout actors pull the next item, so a slow actor holds back little."
+    )
     vllm_kv_cache_gib: int = Field(1, ge=1, description="vLLM CPU KV-cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE).")
     vllm_gpu_memory_utilization: float = Field(0.4, gt=0, le=1.0, description="Share of GPU memory vLLM may take (GPU only).")
     sync_tolerance: float = Field(
@@ -89,7 +101,7 @@ class RolloutConfig(Section):
 
 
 REWARD_MODEL_SOURCES = ("scalar_rm", "seqcls_rm", "classifier_rm")
-REWARD_MODEL_OPTIONS = ("adapter", "template", "max_length", "dtype")
+REWARD_MODEL_OPTIONS = ("adapter", "template", "chat_template", "max_length", "dtype")
 
 
 class RewardSourceConfig(Section):
@@ -118,8 +130,11 @@ class RewardSourceConfig(Section):
         default_factory=dict,
         description=(
             "Functions: keyword arguments passed on every call ('heuristic_reply' takes HeuristicRewardConfig fields such as "
-            "weights, min_chars, max_chars). Reward models: 'template' (text scored, default '{prompt}{completion}'), "
-            "'max_length' (tokens, truncation), 'dtype', and for 'seqcls_rm' 'adapter' (a PEFT LoRA directory)."
+            "weights, min_chars, max_chars). Reward models: without 'template', scalar_rm and seqcls_rm score prompt + "
+            "completion + EOS tokenised as reward-model training does ('chat_template': true/false/null = the "
+            "tokenizer's if it has one) and classifier_rm scores the text prompt + completion; 'template' scores that "
+            "text instead, e.g. '{prompt}\\n\\nAssistant: {completion}'; 'max_length' (tokens), 'dtype', and for "
+            "'seqcls_rm' 'adapter' (a PEFT LoRA directory)."
         ),
     )
 
@@ -159,6 +174,8 @@ class RewardSourceConfig(Section):
                 f"{where}.options.adapter is only for 'seqcls_rm'; merge the adapter into the model instead"
             )
         template = self.options.get("template", "{prompt}{completion}")
+        if "chat_template" in self.options and "template" in self.options:
+            raise ValueError(f"{where}.options: give 'template' or 'chat_template', not both; a template already fixes the text")
         if not _is_completion_template(template):
             raise ValueError(
                 f"{where}.options.template = {template!r} must be a string containing "
@@ -276,10 +293,6 @@ class AlgorithmConfig(Section):
     clip_high: float | None = Field(None, gt=0, description="Clip range above 1 ('clip-higher'); defaults to clip_low.")
     advantage_scale: Literal["std", "none"] = Field("std", description="GRPO: 'std' = (r - mean)/std per group; 'none' = mean-only (Dr.GRPO).")
     advantage_clip: float | None = Field(None, gt=0, description="Clip advantages to [-x, x] (None = off).")
-    score_normalization: Literal["none", "ema"] = Field(
-        "none", description="Normalise scores with a running (EMA) mean/std before computing advantages."
-    )
-    score_ema_momentum: float = Field(0.9, ge=0, lt=1, description="Momentum of the running score mean/std (score_normalization: ema).")
     baseline_momentum: float = Field(0.9, ge=0, lt=1, description="REINFORCE: momentum of the EMA reward baseline.")
     loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "constant"] = Field(
         "token_mean", description="How per-token losses become one number: token-mean, sequence-mean of token-means, or sum / (B * max_new_tokens) (Dr.GRPO)."

@@ -47,3 +47,24 @@ def adapter_lora_config(files: dict[str, bytes]):
     config = json.loads(files[ADAPTER_CONFIG])
     config.pop("raylign_version", None)
     return LoraConfig.from_peft_type(**config) if hasattr(LoraConfig, "from_peft_type") else LoraConfig(**config)
+
+
+def merged_lora_weights(peft_model) -> bytes:
+    """Safetensors payload of W + delta for every LoRA-adapted linear layer, under base-model names."""
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import save
+
+    prefix = "base_model.model."
+    merged = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            base = module.get_base_layer()
+            weight = base.weight.detach() + module.get_delta_weight("default").detach()
+            merged[f"{name.removeprefix(prefix)}.weight"] = weight.to("cpu", torch.float32).contiguous()
+    return save(merged)
+
+
+def load_merged_weights(payload: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(payload)

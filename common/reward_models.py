@@ -1,7 +1,9 @@
 """Reward models: the reward actor scores with them, the learner trains them.
 
 Three kinds behind one interface (`RewardModel`): `reward(input_ids,
-attention_mask) -> [B]` on token ids, `score_texts(texts)` on strings.
+attention_mask) -> [B]` on token ids, `score_texts(texts)` on strings, and
+`score_prompt_completions(prompts, completions)` on pairs tokenised exactly as
+the learner's reward-model training tokenises them.
 
 - `ScalarRewardModel` (kind "scalar"): a causal-LM body plus a linear head on
   the hidden state of the last non-pad token, one scalar per sequence; the
@@ -82,7 +84,9 @@ def _check_kind(directory: Path, expected: str) -> dict:
 
 
 class RewardModel(nn.Module):
-    """One scalar per sequence. Subclasses implement `reward`; `score_texts` batches and tokenises."""
+    """One scalar per sequence. Subclasses implement `reward`; `score_texts` and `score_prompt_completions`
+    tokenise and batch. `forward` is what training optimises: the reward itself (scalar, seqcls) or
+    class logits (classifier)."""
 
     kind: ClassVar[str]
 
@@ -103,31 +107,54 @@ class RewardModel(nn.Module):
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Right-padded, truncated to `max_length`, on the model's device."""
-        encoded = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length,
-            padding_side="right", return_tensors="pt",
-        )
-        return {"input_ids": encoded["input_ids"].to(self.device), "attention_mask": encoded["attention_mask"].to(self.device)}
+        rows = self.tokenizer(list(texts), truncation=True, max_length=self.max_length).input_ids
+        return self._collate(rows)
+
+    def score_texts(self, texts: list[str], batch_size: int = 32) -> list[float]:
+        """Score strings (tokenised with the tokenizer's special tokens, truncated to `max_length`), in order."""
+        return self._score_rows(self.tokenizer(list(texts), truncation=True, max_length=self.max_length).input_ids, batch_size)
+
+    def score_prompt_completions(
+        self, prompts: list[str], completions: list[str], batch_size: int = 32, chat_template: bool | None = None
+    ) -> list[float]:
+        """Score prompt + completion tokenised as the learner's reward-model training tokenises them
+        (`common.prompt_completion`: the prompt with BOS, the completion, EOS; or the chat template),
+        so a model scores at RL time exactly what it was trained on."""
+        from raylign.common.prompt_completion import encode_prompt_completion
+
+        rows = []
+        for prompt, completion in zip(prompts, completions, strict=True):
+            prompt_ids, completion_ids = encode_prompt_completion(
+                self.tokenizer, prompt, completion, chat_template=chat_template, max_length=self.max_length
+            )
+            rows.append(prompt_ids + completion_ids)
+        return self._score_rows(rows, batch_size)
 
     @torch.no_grad()
-    def score_texts(self, texts: list[str], batch_size: int = 32) -> list[float]:
-        """Score strings in batches of `batch_size`, in eval mode; returns one float per text, in order."""
+    def _score_rows(self, rows: list[list[int]], batch_size: int) -> list[float]:
+        """Token-id rows in right-padded batches of `batch_size`, in eval mode; one float per row, in order."""
         if batch_size < 1:
-            raise ValueError(f"batch_size = {batch_size}: give a positive number of texts per forward pass")
-        # Texts of similar length share a batch, so less compute goes to padding.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        scores: list[float] = [0.0] * len(texts)
+            raise ValueError(f"batch_size = {batch_size}: give a positive number of sequences per forward pass")
+        # Rows of similar length share a batch, so less compute goes to padding.
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        scores: list[float] = [0.0] * len(rows)
         was_training = self.training
         self.eval()
         try:
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
-                values = self.reward(**self.tokenize([texts[i] for i in chunk])).float().cpu().tolist()
+                values = self.reward(**self._collate([rows[i] for i in chunk])).float().cpu().tolist()
                 for index, value in zip(chunk, values):
                     scores[index] = value
         finally:
             self.train(was_training)
         return scores
+
+    def _collate(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        from raylign.common.prompt_completion import collate_prompt_completion, pad_token_id
+
+        batch = collate_prompt_completion([(list(ids), []) for ids in rows], pad_token_id(self.tokenizer))
+        return {"input_ids": batch["input_ids"].to(self.device), "attention_mask": batch["attention_mask"].to(self.device)}
 
     def _save_common(self, directory: Path, meta: dict) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -222,6 +249,10 @@ class ClassifierRewardModel(_HeadRewardModel):
         self.head = nn.Sequential(
             nn.Linear(self.hidden_size, self.hidden_size), nn.ReLU(), nn.Dropout(dropout), nn.Linear(self.hidden_size, 2)
         )
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Class logits [B, 2], what cross-entropy training needs; `reward` gives P(positive)."""
+        return self.logits(input_ids, attention_mask)
 
     def train(self, mode: bool = True) -> "ClassifierRewardModel":
         super().train(mode)

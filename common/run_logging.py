@@ -40,6 +40,14 @@ class RunLogger:
             self.samples_file.write(json.dumps(record) + "\n")
         self.samples_file.flush()
 
+    def log_reward_errors(self, step: int, errors: list[dict]) -> None:
+        """Append invalid-reward records to reward_errors.jsonl (created on the first error)."""
+        if not errors:
+            return
+        with (self.output_dir / "reward_errors.jsonl").open("a") as f:
+            for error in errors:
+                f.write(json.dumps({"step": step, **error}, default=str) + "\n")
+
     def close(self) -> None:
         self.metrics_file.close()
         self.samples_file.close()

@@ -129,3 +129,14 @@ class RewardResult:
                 if key.startswith("time/"):
                     merged.stats[key] = max(merged.stats.get(key, 0.0), value)
         return merged
+
+
+@dataclass(frozen=True)
+class MergedWeightsUpdate:
+    """Base weights with the adapter merged in (W + scale * B @ A), for the layers LoRA touches.
+
+    `weights` is a safetensors payload keyed by the base model's parameter names.
+    """
+
+    version: int
+    weights: bytes

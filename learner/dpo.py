@@ -164,7 +164,9 @@ def dpo_train(
     average = loss_type == "ipo"
     pad_id = pad_token_id(tokenizer)
     pairs = encode_preference_pairs(tokenizer, examples, max_length=max_length, chat_template=chat_template)
-    val_pairs = encode_preference_pairs(tokenizer, val_examples, max_length=max_length, chat_template=chat_template) if val_examples else []
+    val_pairs = []
+    if val_examples:
+        val_pairs = encode_preference_pairs(tokenizer, val_examples, max_length=max_length, chat_template=chat_template)
     ref_chosen, ref_rejected = reference_logprobs(model, pairs + val_pairs, batch_size=batch_size, pad_id=pad_id,
                                                   average=average, reference_model=reference_model)
     train_reference = (ref_chosen[: len(pairs)], ref_rejected[: len(pairs)])

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from raylign.common.config import AlgorithmConfig, ModelConfig, RolloutConfig, SftConfig, TrainConfig
-from raylign.common.lora import adapter_files
-from raylign.common.types import AdapterUpdate, Sample
+from raylign.common.lora import adapter_files, merged_lora_weights
+from raylign.common.types import AdapterUpdate, MergedWeightsUpdate, Sample
 from raylign.learner import algorithms as alg
 from raylign.learner.batching import TokenBatch, build_token_batch, score_tokens
 from raylign.learner.objectives import policy_objective, sequence_advantages
@@ -95,14 +95,14 @@ class LearnerWorker:
         )
         self.shuffle_rng = torch.Generator().manual_seed(self.seed)
         self.reward_baseline: float | None = None
-        self.score_mean: float | None = None
-        self.score_var: float | None = None
         self.grad_norm_history: list[float] = []
         self.version = 0
         return sum(p.numel() for p in self.trainable_parameters)
 
-    def publish(self) -> AdapterUpdate:
-        """The current adapter, versioned, in PEFT's file format."""
+    def publish(self) -> AdapterUpdate | MergedWeightsUpdate:
+        """The current policy, versioned: the adapter in PEFT's file format, or merged weights."""
+        if self.rollout.weight_sync == "merged":
+            return MergedWeightsUpdate(version=self.version, weights=merged_lora_weights(self.model))
         return AdapterUpdate(version=self.version, files=adapter_files(self.model, self.version))
 
     def _score(self, batch: TokenBatch, *, with_entropy: bool = False, with_values: bool = False):
@@ -113,8 +113,15 @@ class LearnerWorker:
         values = self.value_head(scores.hidden.float()).squeeze(-1) if with_values else None
         return scores, values
 
-    def train_step(self, samples: list[Sample], rewards: list[float]) -> dict:
-        """One update of the configured method on a batch of K-sample groups (contiguous per prompt)."""
+    def train_step(self, samples: list[Sample], rewards: list[float], group_sizes: list[int] | None = None) -> dict:
+        """One update of the configured method on a batch of prompt groups (contiguous per prompt).
+
+        `group_sizes` defaults to equal groups of samples_per_prompt; groups are
+        smaller when the reward actor marked some samples invalid.
+        """
+        group_sizes = group_sizes or [self.rollout.samples_per_prompt] * (len(samples) // self.rollout.samples_per_prompt)
+        if sum(group_sizes) != len(samples):
+            raise ValueError(f"group sizes {group_sizes} do not add up to the {len(samples)} samples")
         if self.optimizer is None:
             raise RuntimeError("attach_lora must be called before train_step")
         stale = [s.policy_version for s in samples if s.policy_version != self.version]
@@ -127,7 +134,7 @@ class LearnerWorker:
         start = time.perf_counter()
         batch = build_token_batch(samples, self.tokenizer.pad_token_id).to(self.device)
         mask = batch.completion_mask
-        scores = self._normalise_scores(torch.tensor(rewards, dtype=torch.float32, device=self.device))
+        scores = torch.tensor(rewards, dtype=torch.float32, device=self.device)
         kl_coef = self.kl_controller.value
 
         with torch.no_grad():
@@ -146,7 +153,7 @@ class LearnerWorker:
             advantages = alg.masked_whiten(advantages, mask)
         else:
             shaped = scores - kl_coef * sequence_kl if algo.kl_in_reward else scores
-            advantages = sequence_advantages(algo.name, shaped, self.rollout.samples_per_prompt,
+            advantages = sequence_advantages(algo.name, shaped, group_sizes,
                                              advantage_scale=algo.advantage_scale, baseline=self.reward_baseline)
             if algo.name == "reinforce":
                 self.reward_baseline = alg.ema_update(self.reward_baseline, float(shaped.mean()), algo.baseline_momentum)
@@ -207,14 +214,6 @@ class LearnerWorker:
         if is_ppo:
             metrics["explained_variance"] = alg.explained_variance(old_values, returns, mask)
         return metrics
-
-    def _normalise_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        if self.algorithm.score_normalization == "none":
-            return scores
-        momentum = self.algorithm.score_ema_momentum
-        self.score_mean = alg.ema_update(self.score_mean, float(scores.mean()), momentum)
-        self.score_var = alg.ema_update(self.score_var, float(scores.var(unbiased=False)), momentum)
-        return (scores - self.score_mean) / math.sqrt(self.score_var + 1e-8)
 
     def _optimizer_step(self) -> float:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters, self.train_config.max_grad_norm))

@@ -11,18 +11,25 @@ import torch
 from raylign.learner import algorithms as alg
 
 
-def sequence_advantages(method: str, scores: torch.Tensor, group_size: int, *, advantage_scale: str = "std",
+def sequence_advantages(method: str, scores: torch.Tensor, group_sizes: int | list[int], *, advantage_scale: str = "std",
                         baseline: float | None = None) -> torch.Tensor:
     """Advantages [B] for the sequence-level methods.
 
     grpo: group-relative (r - mean_g) / std_g (or mean-only); rloo: r minus the
-    mean of the other K-1 samples; reinforce: r minus an EMA baseline (0 before
-    the first update).
+    mean of the other samples of its group; reinforce: r minus an EMA baseline
+    (0 before the first update). `group_sizes` is one size for equal groups or
+    a list when groups differ (invalid samples removed); a group of one has no
+    comparison and gets advantage 0 under grpo and rloo.
     """
-    if method == "grpo":
-        return alg.group_advantages(scores, group_size, scale=advantage_scale)
-    if method == "rloo":
-        return alg.rloo_advantages(scores, group_size)
+    if method in ("grpo", "rloo"):
+        sizes = [group_sizes] * (len(scores) // group_sizes) if isinstance(group_sizes, int) else group_sizes
+        if len(set(sizes)) == 1 and sizes[0] > 1:
+            return _group_relative(method, scores, sizes[0], advantage_scale)
+        parts = [
+            _group_relative(method, group, len(group), advantage_scale) if len(group) > 1 else torch.zeros_like(group)
+            for group in torch.split(scores, sizes)
+        ]
+        return torch.cat(parts)
     if method == "reinforce":
         return scores - (baseline if baseline is not None else 0.0)
     raise ValueError(f"algorithm.name = '{method}' has no sequence-level advantage; use grpo, rloo or reinforce")
@@ -63,3 +70,9 @@ def policy_objective(
         "approx_kl": alg.masked_mean(0.5 * (logp - old_logp) ** 2, mask).detach(),
     }
     return loss, stats
+
+
+def _group_relative(method: str, scores: torch.Tensor, group_size: int, advantage_scale: str) -> torch.Tensor:
+    if method == "grpo":
+        return alg.group_advantages(scores, group_size, scale=advantage_scale)
+    return alg.rloo_advantages(scores, group_size)

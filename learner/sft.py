@@ -95,14 +95,20 @@ def encode_sft_examples(tokenizer, examples: Sequence[PreferenceExample], *, max
     return encoded
 
 
-def completion_token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token NLL over the labelled (completion) tokens, and how many there are."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
+def masked_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL over positions whose label is not -100, and how many there are.
+    Position t's logits predict label t+1."""
+    targets = labels[:, 1:]
     nll = torch.nn.functional.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     return nll, (targets != IGNORE_INDEX).sum()
+
+
+def completion_token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`masked_nll` of the model on a collated batch: summed over completion tokens, and their count."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return masked_nll(logits, batch["labels"])
 
 
 def masked_sft_train(

@@ -17,7 +17,7 @@ def pair(warm_model_dir):
     learner = LearnerWorker(warm_model_dir, config.model, config.train, config.algorithm, config.rollout, seed=0)
     learner.attach_lora()
     rollout = RolloutWorker("hf", warm_model_dir)
-    rollout.load_adapter(learner.publish())
+    rollout.load_update(learner.publish())
     settings = load_settings(config)
     return config, learner, rollout, settings
 
@@ -45,7 +45,7 @@ def test_behaviour_logprobs_match_learner_after_publish_and_guard_fires_when_pub
     stale = learner.publish()  # version 1, the one the rollout should load next
     learner.train_step(rollout_with(rollout, stale, prompt_ids, settings), [float(i % 3) for i in range(16)])
     # A broken broadcast: the actor is told "version 2" but keeps version-1 weights.
-    rollout.load_adapter(AdapterUpdate(version=learner.version, files=stale.files))
+    rollout.load_update(AdapterUpdate(version=learner.version, files=stale.files))
     samples = rollout.generate(prompts(prompt_ids), settings)
     metrics = learner.train_step(samples, [float(i % 3) for i in range(len(samples))])
     assert metrics["rollout/logprob_gap"] > 10 * config.rollout.sync_tolerance
@@ -54,5 +54,5 @@ def test_behaviour_logprobs_match_learner_after_publish_and_guard_fires_when_pub
 
 
 def rollout_with(rollout, update, prompt_ids, settings):
-    rollout.load_adapter(update)
+    rollout.load_update(update)
     return rollout.generate(prompts(prompt_ids), settings)
