@@ -1,4 +1,4 @@
-"""`raylign` command line: train, tiny-model."""
+"""`raylign` command line: train, bench, report, tiny-model."""
 
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="section.field=value overrides (YAML values)")
 
+    commands.add_parser("bench", help="benchmarks that write JSON (raylign bench rollout --help)", add_help=False)
+    commands.add_parser("report", help="compare run directories: comparison.json, LaTeX table, plots, report.md", add_help=False)
+
     tiny = commands.add_parser("tiny-model", help="build a tiny random causal LM and BPE tokenizer offline")
     tiny.add_argument("output", help="directory to write the model and tokenizer to")
     tiny.add_argument("--arch", choices=["llama", "qwen2", "gpt2"], default="llama", help="model architecture")
@@ -37,6 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from raylign.cluster.bench import bench_main
+
+        return bench_main(argv[1:])
+    if argv[:1] == ["report"]:
+        from raylign.cluster.report import report_main
+
+        return report_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "tiny-model":
         from raylign.common.tiny_model import build_tiny_model

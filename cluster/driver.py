@@ -15,12 +15,13 @@ from pathlib import Path
 import ray
 
 from raylign.actors.reward_worker import check_invalid_fraction
+from raylign.cluster.evaluation import Evaluator
 from raylign.cluster.prompts import PromptSampler
 from raylign.cluster.ray_setup import start_ray
 from raylign.cluster.reward_pool import RewardPool
 from raylign.cluster.rollout_pool import RolloutPool
 from raylign.common.config import BUILTIN_MODEL_PREFIX, RunConfig, config_to_yaml
-from raylign.common.data import BUILTIN_REVIEWS, load_text_column
+from raylign.common.data import load_text_column
 from raylign.common.run_logging import RunLogger
 from raylign.common.types import Sample
 from raylign.learner.learner_worker import LearnerWorker
@@ -48,32 +49,37 @@ def train(config: RunConfig) -> dict:
     rollouts = RolloutPool(config, model_path)
     rewards = RewardPool(config.reward)
     sampler = make_prompt_sampler(config, model_path, output_dir)
-    rollouts.publish(learner.publish.remote())
+    evaluator = Evaluator(config, model_path, output_dir, rollouts, rewards, learner)
+    policy = learner.publish.remote()
+    rollouts.publish(policy)
     logger = RunLogger(output_dir, config.model_dump(mode="json"), use_wandb=config.logging.wandb,
                        wandb_project=config.logging.wandb_project, wandb_mode=config.logging.wandb_mode)
     history: list[dict] = []
     run_start = time.perf_counter()
     try:
         for step in progress(range(config.train.steps), config.logging.progress, history):
-            step_start = time.perf_counter()
+            timer = PhaseTimer()
             prompts = sampler.next_batch(config.train.prompts_per_step, step)
 
-            samples = rollouts.generate(prompts)
-            generate_done = time.perf_counter()
+            if config.algorithm.is_differentiable:
+                # GRADE generates inside the learner (it needs gradients through generation);
+                # its hard samples are scored below exactly like every other method's.
+                samples, learner_metrics = ray.get(learner.grade_step.remote(prompts, step))
+                scored, valid = score(rewards, samples, config, logger, step)
+                timer.lap("learn")
+            else:
+                samples = rollouts.generate(prompts)
+                timer.lap("generate")
+                scored, valid = score(rewards, samples, config, logger, step)
+                timer.lap("reward")
+                group_sizes = group_sizes_of(valid, samples, config.rollout.samples_per_prompt)
+                learner_metrics = ray.get(learner.train_step.remote(valid, [s.reward for s in valid], group_sizes))
+                check_sync(learner_metrics, config.rollout.sync_tolerance, step)
+                timer.lap("learn")
 
-            scored = rewards.score_batch(samples)
-            for sample, value in zip(samples, scored.rewards, strict=True):
-                sample.reward = value
-            logger.log_reward_errors(step, scored.errors)
-            check_invalid_fraction(scored, config.reward.max_invalid_fraction, step)
-            valid, group_sizes = valid_samples_and_groups(samples, config.rollout.samples_per_prompt)
-            reward_done = time.perf_counter()
-
-            learner_metrics = ray.get(learner.train_step.remote(valid, [s.reward for s in valid], group_sizes))
-            check_sync(learner_metrics, config.rollout.sync_tolerance, step)
-            learn_done = time.perf_counter()
-
-            publish_seconds = rollouts.publish(learner.publish.remote())
+            policy = learner.publish.remote()
+            rollouts.publish(policy)
+            timer.lap("publish")
 
             metrics = {
                 "step": step,
@@ -81,33 +87,62 @@ def train(config: RunConfig) -> dict:
                 "reward_std": statistics.pstdev(s.reward for s in valid),
                 **scored.metrics(),
                 **learner_metrics,
-                "time/generate_s": generate_done - step_start,
-                "time/reward_s": reward_done - generate_done,
-                "time/learn_s": learn_done - reward_done,
                 "time/learner_compute_s": learner_metrics.pop("learn_seconds"),
-                "time/publish_s": publish_seconds,
-                "time/step_s": time.perf_counter() - step_start,
             }
+            if evaluator.validation_due(step):
+                metrics.update(evaluator.validate(step, policy))
+                timer.lap("eval")
+            metrics.update(timer.metrics())
             history.append(metrics)
             logger.log_metrics(metrics)
             logger.log_samples(step, samples, config.logging.samples_per_step)
             if config.train.checkpoint_every and (step + 1) % config.train.checkpoint_every == 0:
                 checkpoint(learner, rewards, output_dir, step, sampler)
+        final_checkpoint = checkpoint(learner, rewards, output_dir, config.train.steps - 1, sampler)
+        test_metrics = evaluator.test(policy)
     finally:
         logger.close()
-    final_checkpoint = checkpoint(learner, rewards, output_dir, config.train.steps - 1, sampler)
     results = summarise(history, time.perf_counter() - run_start, sft_metrics, final_checkpoint)
+    results.update(test_metrics)
+    results.update(evaluator.best_summary())
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
 
-def valid_samples_and_groups(samples: list[Sample], group_size: int) -> tuple[list[Sample], list[int]]:
-    """Samples with a valid reward, and the sizes of their (now possibly smaller) prompt groups, in order."""
-    valid = [(i // group_size, s) for i, s in enumerate(samples) if s.reward is not None]
+def score(rewards: RewardPool, samples: list[Sample], config: RunConfig, logger: RunLogger, step: int):
+    """Score samples; invalid ones are logged to reward_errors.jsonl and left out of the update."""
+    scored = rewards.score_batch(samples)
+    for sample, value in zip(samples, scored.rewards, strict=True):
+        sample.reward = value
+    logger.log_reward_errors(step, scored.errors)
+    check_invalid_fraction(scored, config.reward.max_invalid_fraction, step)
+    return scored, [s for s in samples if s.reward is not None]
+
+
+class PhaseTimer:
+    """Wall time of each phase of a step, reported as time/<phase>_s plus time/step_s."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self.last
+        self.last = now
+
+    def metrics(self) -> dict[str, float]:
+        return {**{f"time/{k}_s": v for k, v in self.phases.items()}, "time/step_s": time.perf_counter() - self.start}
+
+
+def group_sizes_of(valid: list[Sample], samples: list[Sample], group_size: int) -> list[int]:
+    """Sizes of the prompt groups after invalid samples were removed, in order (groups are contiguous)."""
+    position = {id(s): i for i, s in enumerate(samples)}
     sizes: dict[int, int] = {}
-    for group, _ in valid:
+    for sample in valid:
+        group = position[id(sample)] // group_size
         sizes[group] = sizes.get(group, 0) + 1
-    return [s for _, s in valid], list(sizes.values())
+    return list(sizes.values())
 
 
 def resolve_model_path(config: RunConfig, output_dir: Path) -> str:
@@ -129,14 +164,17 @@ def warm_start(config: RunConfig, learner, output_dir: Path) -> tuple[str, dict]
 
 
 def make_prompt_sampler(config: RunConfig, model_path: str, output_dir: Path) -> PromptSampler:
-    from transformers import AutoTokenizer
-
     texts = load_text_column(config.data.prompts, config.data.prompt_field, config.data.split, data_dir=output_dir / "data")
     if config.data.max_prompts is not None:
         texts = texts[: config.data.max_prompts]
+    return PromptSampler(texts, tokenize_prompts(model_path, texts), config.seed)
+
+
+def tokenize_prompts(model_path: str, texts: list[str]) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    token_ids = [tokenizer(text).input_ids for text in texts]
-    return PromptSampler(texts, token_ids, config.seed)
+    return [tokenizer(text).input_ids for text in texts]
 
 
 def check_sync(learner_metrics: dict, tolerance: float, step: int) -> None:
@@ -158,14 +196,14 @@ def checkpoint(learner, rewards: RewardPool, output_dir: Path, step: int, sample
 
 def summarise(history: list[dict], wall_seconds: float, sft_metrics: dict, final_checkpoint: str) -> dict:
     window = max(1, len(history) // 10)
-    timing_keys = [k for k in history[0] if k.startswith("time/")] if history else []
+    timing_keys = sorted({k for m in history for k in m if k.startswith("time/")})
     return {
         "steps": len(history),
         "reward_first_10pct": statistics.fmean(m["reward_mean"] for m in history[:window]),
         "reward_last_10pct": statistics.fmean(m["reward_mean"] for m in history[-window:]),
         "kl_last": history[-1]["kl"],
-        "logprob_gap_max": max(m["rollout/logprob_gap"] for m in history),
-        "mean_timings": {k: statistics.fmean(m[k] for m in history) for k in timing_keys},
+        "logprob_gap_max": max((m["rollout/logprob_gap"] for m in history if "rollout/logprob_gap" in m), default=None),
+        "mean_timings": {k: statistics.fmean(m[k] for m in history if k in m) for k in timing_keys},
         "wall_seconds": wall_seconds,
         "final_checkpoint": final_checkpoint,
         **sft_metrics,
@@ -184,4 +222,7 @@ def progress(steps, enabled: bool, history: list[dict]):
         yield step
         if history:
             last = history[-1]
-            bar.set_postfix(reward=f"{last['reward_mean']:.3f}", kl=f"{last['kl']:.4f}", gap=f"{last['rollout/logprob_gap']:.1e}")
+            postfix = {"reward": f"{last['reward_mean']:.3f}", "kl": f"{last['kl']:.4f}"}
+            if "rollout/logprob_gap" in last:
+                postfix["gap"] = f"{last['rollout/logprob_gap']:.1e}"
+            bar.set_postfix(postfix)

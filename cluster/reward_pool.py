@@ -19,12 +19,14 @@ class RewardPool:
         actor = ray.remote(RewardWorker).options(num_cpus=config.num_cpus, num_gpus=config.num_gpus)
         self.workers = [actor.remote(config) for _ in range(config.num_workers)]
 
-    def score_batch(self, samples: list[Sample]) -> RewardResult:
+    def score_batch(self, samples: list[Sample], normalize: bool = True) -> RewardResult:
+        """Score a batch; `normalize=False` (evaluation) leaves the running statistics untouched."""
         if len(self.workers) == 1:
-            return ray.get(self.workers[0].score_batch.remote(samples))
+            return ray.get(self.workers[0].score_batch.remote(samples, normalize=normalize))
         shares = _contiguous_shares(samples, len(self.workers))
         parts = ray.get([w.score_batch.remote(share, normalize=False) for w, share in zip(self.workers, shares) if share])
-        return ray.get(self.workers[0].normalize.remote(RewardResult.concat(parts)))
+        joined = RewardResult.concat(parts)
+        return ray.get(self.workers[0].normalize.remote(joined)) if normalize else joined
 
     def state_dict(self) -> dict | None:
         """The running normalisation statistics, for checkpoints."""

@@ -31,25 +31,26 @@ class RolloutPool:
             min_new_tokens=rollout.min_new_tokens, temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
         )
 
-    def generate(self, prompts: list[PromptItem]) -> list[Sample]:
+    def generate(self, prompts: list[PromptItem], settings: SamplingSettings | None = None) -> list[Sample]:
         """Work items of `dispatch_chunk` prompts go to whichever actor is free; results return in prompt order.
 
         Each prompt carries its own seed, so the samples do not depend on which
         actor, or how many actors, produced them.
         """
+        settings = settings or self.settings
         items = [prompts[i:i + self.chunk] for i in range(0, len(prompts), self.chunk)]
         results: list[list[Sample] | None] = [None] * len(items)
         pending: dict[ray.ObjectRef, tuple[int, object]] = {}
         next_item = 0
         for worker in self.workers[: len(items)]:
-            pending[worker.generate.remote(items[next_item], self.settings)] = (next_item, worker)
+            pending[worker.generate.remote(items[next_item], settings)] = (next_item, worker)
             next_item += 1
         while pending:
             (done,), _ = ray.wait(list(pending), num_returns=1)
             index, worker = pending.pop(done)
             results[index] = ray.get(done)
             if next_item < len(items):
-                pending[worker.generate.remote(items[next_item], self.settings)] = (next_item, worker)
+                pending[worker.generate.remote(items[next_item], settings)] = (next_item, worker)
                 next_item += 1
         return [sample for part in results for sample in part]
 

@@ -263,11 +263,12 @@ class RewardConfig(Section):
 
 
 class AlgorithmConfig(Section):
-    name: Literal["grpo", "ppo", "reinforce", "rloo"] = Field(
+    name: Literal["grpo", "ppo", "reinforce", "rloo", "grade", "grade_ste"] = Field(
         "grpo",
         description=(
-            "Policy-gradient method: 'grpo' (group-relative advantages), 'ppo' (value head + GAE), "
-            "'reinforce' (EMA baseline) or 'rloo' (leave-one-out baseline within each group)."
+            "Method: 'grpo' (group-relative advantages), 'ppo' (value head + GAE), 'reinforce' (EMA baseline), "
+            "'rloo' (leave-one-out baseline within each group), or 'grade' / 'grade_ste' (Gumbel-softmax relaxed "
+            "generation in the learner, gradients through generation; STE = hard forward, soft backward)."
         ),
     )
     kl_coef: float = Field(0.02, ge=0, description="Initial weight of the KL-to-reference term (beta).")
@@ -277,7 +278,7 @@ class AlgorithmConfig(Section):
         description=(
             "Where the KL term goes: 'loss' (GRPO style, estimator `kl_estimator`) or 'reward' (PPO style: "
             "-kl_coef * k1 per token added to the reward). None picks the method's convention: loss for grpo, "
-            "reward for ppo, reinforce and rloo."
+            "reward for ppo, reinforce and rloo; GRADE always uses the loss (exact KL)."
         ),
     )
     kl_controller: Literal["fixed", "adaptive", "phased"] = Field(
@@ -311,9 +312,25 @@ class AlgorithmConfig(Section):
     value_clip: float = Field(0.2, gt=0, description="PPO: clip range of the value update around the old values.")
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight (subtracted from the loss).")
 
+    reward_model: str | None = Field(
+        None, description="GRADE: classifier reward model directory whose differentiable path scores relaxed tokens."
+    )
+    tau_start: float = Field(2.0, gt=0, description="GRADE: Gumbel-softmax temperature at step 0.")
+    tau_end: float = Field(0.5, gt=0, description="GRADE: temperature after annealing (logged as `tau`).")
+    anneal_steps: int = Field(1000, ge=1, description="GRADE: steps of linear annealing from tau_start to tau_end.")
+    backprop_window: int | None = Field(
+        None, ge=1, description="GRADE: only the last W generation steps carry gradient (None = all); bounds memory."
+    )
+    relaxed_top_k: int | None = Field(None, ge=1, description="GRADE: restrict the relaxed distribution to the top-k logits (None = full vocabulary).")
+    gradient_checkpointing: bool = Field(False, description="GRADE: recompute each generation step in the backward pass to save memory.")
+
+    @property
+    def is_differentiable(self) -> bool:
+        return self.name in ("grade", "grade_ste")
+
     @property
     def kl_in_reward(self) -> bool:
-        placement = self.kl_placement or ("loss" if self.name == "grpo" else "reward")
+        placement = self.kl_placement or ("loss" if self.name in ("grpo", "grade", "grade_ste") else "reward")
         return placement == "reward"
 
 
@@ -342,6 +359,21 @@ class SftConfig(Section):
     max_length: int = Field(64, ge=8, description="Truncate SFT sequences to this many tokens.")
 
 
+class EvalConfig(Section):
+    every: int = Field(0, ge=0, description="Validate every N steps on the validation prompts (0 = never during training).")
+    val_split: str = Field("val", description="Split of data.prompts holding the validation prompts.")
+    test_split: str = Field("test", description="Split of data.prompts holding the test prompts (used once, after training).")
+    val_samples: int = Field(100, ge=1, description="Validation prompts (the first N of the split, fixed for the run).")
+    test_samples: int = Field(500, ge=1, description="Test prompts (the first N of the split).")
+    run_test: bool = Field(False, description="Evaluate once on the test split after training.")
+    test_adapter: Literal["best", "last"] = Field(
+        "best", description="Adapter the test evaluation uses: the best by validation reward, or the last one."
+    )
+    samples_per_prompt: int = Field(4, ge=1, description="Samples per prompt for reward, diversity and pass@k.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature for evaluation (1.0 keeps the KL estimate honest).")
+    pass_threshold: float = Field(0.5, description="pass@k counts a prompt as solved when a sample's reward clears this.")
+
+
 class LoggingConfig(Section):
     wandb: bool = Field(False, description="Log metrics to Weights & Biases.")
     wandb_project: str = Field("raylign", description="wandb project name.")
@@ -365,6 +397,7 @@ class RunConfig(Section):
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig, description="Policy-gradient method.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Learner optimisation.")
     sft: SftConfig = Field(default_factory=SftConfig, description="Optional SFT warm start before RL.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Validation during training and the final test evaluation.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics and sample logging.")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray cluster.")
 
@@ -375,6 +408,22 @@ class RunConfig(Section):
                 f"rollout.samples_per_prompt = {self.rollout.samples_per_prompt}: {self.algorithm.name.upper()} compares "
                 "samples within a group, so it needs at least 2; set rollout.samples_per_prompt=4 (or more)"
             )
+        if self.algorithm.is_differentiable:
+            if self.algorithm.reward_model is None:
+                raise ValueError(
+                    f"algorithm.reward_model is not set: {self.algorithm.name} backpropagates through a classifier reward "
+                    "model; set algorithm.reward_model to a directory written by a classifier reward-model stage"
+                )
+            if not Path(self.algorithm.reward_model).exists():
+                raise ValueError(
+                    f"algorithm.reward_model = '{self.algorithm.reward_model}' does not exist; train one with a "
+                    "reward_model stage (type: classifier) and point at its output"
+                )
+            if self.algorithm.kl_placement == "reward":
+                raise ValueError(
+                    f"algorithm.kl_placement = 'reward' with {self.algorithm.name}: GRADE keeps the KL in its loss; "
+                    "remove kl_placement or set it to 'loss'"
+                )
         samples = self.train.prompts_per_step * self.rollout.samples_per_prompt
         if samples < self.algorithm.num_minibatches:
             raise ValueError(

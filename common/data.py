@@ -54,7 +54,11 @@ def _sentence(rng: random.Random, mood: str) -> str:
 
 def synthetic_review(rng: random.Random) -> str:
     """One short review; moods are balanced so a sentiment reward starts near zero."""
-    mood = rng.choice(["positive", "negative", "neutral"])
+    return synthetic_review_with_mood(rng, rng.choice(["positive", "negative", "neutral"]))
+
+
+def synthetic_review_with_mood(rng: random.Random, mood: str) -> str:
+    """One short review whose first sentence (and usually the rest) has `mood`: positive, negative or neutral."""
     parts = [f"{rng.choice(_OPENERS)} {_sentence(rng, mood)}."]
     second_mood = mood if rng.random() < 0.6 else rng.choice(["positive", "negative", "neutral"])
     parts.append(_sentence(rng, second_mood).capitalize() + ".")
@@ -70,8 +74,22 @@ def synthetic_prompt(rng: random.Random) -> str:
     return f"{rng.choice(_OPENERS)} {subject} {rng.choice(_VERBS)}"
 
 
+def review_sentence(rng: random.Random, mood: str) -> str:
+    """One 'subject verb adjective' clause in `mood` ('positive', 'negative' or 'neutral'), as the reviews use."""
+    return _sentence(rng, mood)
+
+
+def review_vocabulary() -> dict[str, list[str]]:
+    """Copies of the word lists the reviews are built from, by role, for other built-in data sets."""
+    return {
+        "openers": list(_OPENERS), "subjects": list(_SUBJECTS), "verbs": list(_VERBS),
+        "positive": list(_POSITIVE), "negative": list(_NEGATIVE), "neutral": list(_NEUTRAL),
+        "positive_tails": list(_POSITIVE_TAILS), "negative_tails": list(_NEGATIVE_TAILS),
+    }
+
+
 def write_builtin_reviews(directory: str | Path, seed: int = 0, num_texts: int = 4000, num_prompts: int = 512) -> dict[str, Path]:
-    """Write `texts.jsonl` (SFT corpus) and `prompts.jsonl` with train/test splits."""
+    """Write `texts.jsonl` (SFT corpus) and `prompts.jsonl` with train/val/test splits (6:1:1, disjoint)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -84,7 +102,7 @@ def write_builtin_reviews(directory: str | Path, seed: int = 0, num_texts: int =
     prompts = prompts[:num_prompts]
     with paths["prompts"].open("w") as f:
         for index, prompt in enumerate(prompts):
-            split = "test" if index % 8 == 0 else "train"
+            split = {0: "test", 1: "val"}.get(index % 8, "train")
             f.write(json.dumps({"prompt": prompt, "split": split}) + "\n")
     return paths
 

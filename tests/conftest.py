@@ -46,3 +46,32 @@ def ray_session():
         ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sentiment_classifier_dir(warm_model_dir, tmp_path_factory):
+    """The seed's classifier RM (frozen body, mean pool, MLP) on the warm model, head trained on the built-in reviews."""
+    import random
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from raylign.common.data import synthetic_review_with_mood
+    from raylign.common.preference_data import PreferenceExample
+    from raylign.common.reward_models import ClassifierRewardModel
+    from raylign.learner.reward_training import train_reward_classifier
+
+    rng = random.Random(0)
+    examples = []
+    for i in range(256):
+        label = i % 2
+        examples.append(PreferenceExample(prompt="", label=label,
+                                          extra={"text": synthetic_review_with_mood(rng, "positive" if label else "negative")}))
+    torch.manual_seed(0)
+    model = ClassifierRewardModel.from_base(warm_model_dir, dropout=0.0)
+    history = train_reward_classifier(model, AutoTokenizer.from_pretrained(warm_model_dir), examples, steps=80,
+                                      batch_size=32, learning_rate=3e-3, max_length=64, seed=0)
+    assert history[-1]["accuracy"] > 0.9
+    output = tmp_path_factory.mktemp("sentiment-classifier")
+    model.save_pretrained(output)
+    return str(output)

@@ -71,3 +71,27 @@ def test_each_policy_gradient_method_raises_reward(method, warm_model_dir, ray_s
         assert {"value_loss", "explained_variance"} <= set(metrics[-1])
         # KL above the 0.5 target pushes the adaptive coefficient up.
         assert metrics[-1]["kl_sequence"] > 0.5 and metrics[-1]["kl_coef"] > metrics[0]["kl_coef"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["grade", "grade_ste"])
+def test_grade_raises_the_hard_text_reward_and_is_evaluated_by_rollout_actors(
+        method, warm_model_dir, sentiment_classifier_dir, ray_session, tmp_path):
+    config = load_config("configs/quickstart.yaml", [
+        f"output_dir={tmp_path}", f"model.path={warm_model_dir}", "sft.steps=0", "rollout.backend=hf",
+        f"algorithm.name={method}", f"algorithm.reward_model={sentiment_classifier_dir}", "algorithm.kl_coef=0.01",
+        "algorithm.anneal_steps=20", "train.learning_rate=0.01", "train.steps=20", "logging.progress=false",
+        "reward.function=null", f"reward.sources=[{{name: classifier_rm, path: '{sentiment_classifier_dir}'}}]",
+        "eval.every=10", "eval.val_samples=8", "eval.samples_per_prompt=2",
+    ])
+    train(config)
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # Reported rewards are the reward actor's scores of hard decoded text, like every other method's.
+    first = sum(m["reward_mean"] for m in metrics[:5]) / 5
+    last = sum(m["reward_mean"] for m in metrics[-5:]) / 5
+    assert last > first + 0.1, (method, first, last)
+    assert metrics[0]["kl"] < 1e-6  # policy == reference at step 0
+    assert metrics[0]["tau"] == 2.0 and metrics[-1]["tau"] < metrics[0]["tau"]
+    assert {"reward_soft", "peak_memory_bytes", "grad_norm"} <= set(metrics[-1])
+    validated = [m for m in metrics if "val/reward_mean" in m]
+    assert [m["step"] for m in validated] == [9, 19]

@@ -1,0 +1,112 @@
+"""`raylign bench rollout`: rollout throughput, adapter publish latency, share of a step spent in sync.
+
+Benchmarks, not tests: the numbers go to a JSON file and the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from raylign.common.config import load_config
+
+
+def bench_rollout(config_path: str, overrides: list[str], worker_counts: list[int], prompts: int, rounds: int,
+                  train_steps: int) -> dict:
+    import os
+
+    import ray
+
+    from raylign.cluster.driver import make_prompt_sampler, resolve_model_path, train
+    from raylign.cluster.ray_setup import start_ray
+    from raylign.cluster.rollout_pool import RolloutPool
+    from raylign.learner.learner_worker import LearnerWorker
+
+    workdir = Path(tempfile.mkdtemp(prefix="raylign-bench-"))
+    config = load_config(config_path, [*overrides, f"output_dir={workdir}/train", "logging.progress=false",
+                                       f"rollout.num_workers={max(worker_counts)}"])
+    start_ray(config)
+    model_path = resolve_model_path(config, workdir)
+    learner = ray.remote(LearnerWorker).options(num_cpus=config.train.num_cpus).remote(
+        model_path, config.model, config.train, config.algorithm, config.rollout, config.seed)
+    ray.get(learner.attach_lora.remote())
+    sampler = make_prompt_sampler(config, model_path, workdir)
+    batch = sampler.next_batch(prompts, step=0)
+
+    throughput = {}
+    for count in worker_counts:
+        pool = RolloutPool(config, model_path, num_workers=count)
+        pool.publish(learner.publish.remote())
+        pool.generate(batch)  # warm-up: first call compiles and allocates
+        seconds, tokens = [], 0
+        for _ in range(rounds):
+            start = time.perf_counter()
+            samples = pool.generate(batch)
+            seconds.append(time.perf_counter() - start)
+            tokens += sum(len(s.completion_ids) for s in samples)
+        total = sum(seconds)
+        throughput[str(count)] = {
+            "tokens_per_s": tokens / total,
+            "tokens_per_s_per_worker": tokens / total / count,
+            "seconds_per_batch": statistics.fmean(seconds),
+            "samples_per_batch": prompts * config.rollout.samples_per_prompt,
+        }
+        publish_ms = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            pool.publish(learner.publish.remote())
+            publish_ms.append(1000 * (time.perf_counter() - start))
+        throughput[str(count)]["publish_latency_ms"] = statistics.fmean(publish_ms)
+        for worker in pool.workers:
+            ray.kill(worker)
+    # Free the learner's CPU reservation before the training run starts its own actors.
+    ray.kill(learner)
+
+    train_config = config.model_copy(update={"train": config.train.model_copy(update={"steps": train_steps})})
+    train_config.model.path = model_path
+    train(train_config)
+    metrics = [json.loads(line) for line in (Path(train_config.output_dir) / "metrics.jsonl").read_text().splitlines()][1:]
+    step_s = statistics.fmean(m["time/step_s"] for m in metrics)
+    publish_s = statistics.fmean(m["time/publish_s"] for m in metrics)
+    return {
+        "benchmark": "rollout",
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "backend": config.rollout.backend,
+        "weight_sync": config.rollout.weight_sync,
+        "model": config.model.path,
+        "prompts_per_batch": prompts,
+        "samples_per_prompt": config.rollout.samples_per_prompt,
+        "max_new_tokens": config.rollout.max_new_tokens,
+        "throughput_by_workers": throughput,
+        "training_step": {
+            "steps_measured": len(metrics),
+            "step_s": step_s,
+            "publish_s": publish_s,
+            "sync_share_of_step": publish_s / step_s,
+            "generate_s": statistics.fmean(m["time/generate_s"] for m in metrics),
+            "learn_s": statistics.fmean(m["time/learn_s"] for m in metrics),
+        },
+    }
+
+
+def bench_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="raylign bench", description="Benchmarks that write JSON.")
+    commands = parser.add_subparsers(dest="benchmark", required=True)
+    rollout = commands.add_parser("rollout", help="rollout tokens/s with 1 and 2 workers, publish latency, sync share of a step")
+    rollout.add_argument("--config", default="configs/quickstart.yaml", help="run config to take model and sampling from")
+    rollout.add_argument("--out", default="bench_rollout.json", help="JSON file to write")
+    rollout.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure")
+    rollout.add_argument("--prompts", type=int, default=16, help="prompts per generate call")
+    rollout.add_argument("--rounds", type=int, default=5, help="timed generate calls and publishes per worker count")
+    rollout.add_argument("--train-steps", type=int, default=11, help="training steps for the sync-share measurement")
+    rollout.add_argument("overrides", nargs="*", help="config overrides, section.field=value")
+    args = parser.parse_args(argv)
+    result = bench_rollout(args.config, args.overrides, args.workers, args.prompts, args.rounds, args.train_steps)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,124 @@
+"""Validation during training and the one final test evaluation.
+
+Every method is evaluated the same way: the rollout actors sample hard text
+with the published adapter, the reward actor scores it (without touching the
+running normalisation), and the learner estimates KL to the reference on the
+same samples.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import ray
+
+from raylign.common.config import RunConfig
+from raylign.common.data import load_text_column
+from raylign.common.eval_metrics import distinct_n, pass_at_k, self_bleu
+from raylign.common.types import PromptItem, Sample, SamplingSettings
+
+EVAL_SEED_OFFSET = 1_000_000_007
+
+
+class Evaluator:
+    def __init__(self, config: RunConfig, model_path: str, output_dir: Path, rollouts, rewards, learner):
+        self.config, self.output_dir = config, output_dir
+        self.rollouts, self.rewards, self.learner = rollouts, rewards, learner
+        eval_config = config.eval
+        self.settings = SamplingSettings(
+            samples_per_prompt=eval_config.samples_per_prompt, max_new_tokens=config.rollout.max_new_tokens,
+            min_new_tokens=config.rollout.min_new_tokens, temperature=eval_config.temperature,
+        )
+        self.val_prompts: list[PromptItem] = []
+        self.test_prompts: list[PromptItem] = []
+        if eval_config.every or eval_config.run_test:
+            self.val_prompts, self.test_prompts = self._load_prompts(model_path)
+        self.best_reward: float | None = None
+        self.best_step: int | None = None
+        self.best_policy = None
+
+    def _load_prompts(self, model_path: str) -> tuple[list[PromptItem], list[PromptItem]]:
+        data, eval_config = self.config.data, self.config.eval
+        data_dir = self.output_dir / "data"
+        train = set(load_text_column(data.prompts, data.prompt_field, data.split, data_dir=data_dir))
+        val = load_text_column(data.prompts, data.prompt_field, eval_config.val_split, data_dir=data_dir)[: eval_config.val_samples]
+        test = load_text_column(data.prompts, data.prompt_field, eval_config.test_split, data_dir=data_dir)[: eval_config.test_samples]
+        overlap = (set(val) & set(test)) | (set(val) & train) | (set(test) & train)
+        if overlap:
+            raise ValueError(
+                f"eval: {len(overlap)} prompts appear in more than one of the splits '{data.split}', "
+                f"'{eval_config.val_split}', '{eval_config.test_split}' of data.prompts = '{data.prompts}' "
+                f"(e.g. {sorted(overlap)[0]!r}); give the data a 'split' column with disjoint splits, "
+                "or set eval.every=0 and eval.run_test=false"
+            )
+        return self._items(model_path, val, offset=0), self._items(model_path, test, offset=len(val))
+
+    def _items(self, model_path: str, texts: list[str], offset: int) -> list[PromptItem]:
+        from raylign.cluster.driver import tokenize_prompts
+
+        # Fixed seeds: every evaluation of every method sees the same prompts with the same noise.
+        return [PromptItem(index=i, text=t, token_ids=ids, seed=(EVAL_SEED_OFFSET + offset + i) % (2**31 - 1))
+                for i, (t, ids) in enumerate(zip(texts, tokenize_prompts(model_path, texts)))]
+
+    def validation_due(self, step: int) -> bool:
+        every = self.config.eval.every
+        return bool(every) and ((step + 1) % every == 0 or step + 1 == self.config.train.steps)
+
+    def validate(self, step: int, policy) -> dict:
+        """Evaluate the current adapter on the validation prompts; remember the best version."""
+        metrics, samples = self._evaluate(self.val_prompts)
+        self._write_samples("val_samples.jsonl", step, samples)
+        if self.best_reward is None or metrics["reward_mean"] > self.best_reward:
+            self.best_reward, self.best_step, self.best_policy = metrics["reward_mean"], step, policy
+        return {f"val/{key}": value for key, value in metrics.items()} | {"best_val_reward": self.best_reward}
+
+    def test(self, last_policy) -> dict:
+        """The one test evaluation, with the best (by validation) or the last adapter."""
+        if not self.config.eval.run_test:
+            return {}
+        use_best = self.config.eval.test_adapter == "best" and self.best_policy is not None
+        policy = self.best_policy if use_best else last_policy
+        self.rollouts.publish(policy)
+        metrics, samples = self._evaluate(self.test_prompts)
+        self._write_samples("test_samples.jsonl", None, samples)
+        return {f"test/{key}": value for key, value in metrics.items()} | {
+            "test/adapter": f"best (step {self.best_step})" if use_best else "last"
+        }
+
+    def best_summary(self) -> dict:
+        return {} if self.best_reward is None else {"best_val_reward": self.best_reward, "best_val_step": self.best_step}
+
+    def _evaluate(self, prompts: list[PromptItem]) -> tuple[dict, list[Sample]]:
+        samples = self.rollouts.generate(prompts, self.settings)
+        scored = self.rewards.score_batch(samples, normalize=False)
+        for sample, value in zip(samples, scored.raw_rewards or scored.rewards, strict=True):
+            sample.reward = value
+        valid = [s for s in samples if s.reward is not None]
+        if not valid:
+            raise RuntimeError(f"evaluation: no sample of {len(samples)} got a valid reward; see reward_errors.jsonl")
+        kl = ray.get(self.learner.reference_kl.remote(samples, self.settings.temperature))
+        k = self.settings.samples_per_prompt
+        per_prompt = [[s.reward for s in samples[i:i + k] if s.reward is not None] for i in range(0, len(samples), k)]
+        texts = [s.completion for s in samples]
+        rewards = [s.reward for s in valid]
+        return {
+            "reward_mean": statistics.fmean(rewards),
+            "reward_std": statistics.pstdev(rewards),
+            "invalid_count": len(samples) - len(valid),
+            "kl": kl["kl"],
+            "reference_perplexity": kl["reference_perplexity"],
+            "response_length_mean": statistics.fmean(len(s.completion_ids) for s in samples),
+            "distinct_1": distinct_n(texts, 1),
+            "distinct_2": distinct_n(texts, 2),
+            "self_bleu": self_bleu(texts),
+            f"pass@{k}": pass_at_k([r for r in per_prompt if r], k, self.config.eval.pass_threshold),
+            "prompts": len(prompts),
+        }, samples
+
+    def _write_samples(self, name: str, step: int | None, samples: list[Sample]) -> None:
+        with (self.output_dir / name).open("a") as f:
+            for s in samples:
+                f.write(json.dumps({"step": step, "prompt": s.prompt, "completion": s.completion, "reward": s.reward,
+                                    "policy_version": s.policy_version}) + "\n")

