@@ -100,7 +100,9 @@ class Evaluator:
             raise RuntimeError(f"evaluation: no sample of {len(samples)} got a valid reward; see reward_errors.jsonl")
         kl = ray.get(self.learner.reference_kl.remote(samples, self.settings.temperature))
         k = self.settings.samples_per_prompt
-        per_prompt = [[s.reward for s in samples[i:i + k] if s.reward is not None] for i in range(0, len(samples), k)]
+        # An unscorable sample counts as a failure, not as a missing one.
+        per_prompt = [[s.reward if s.reward is not None else float("-inf") for s in samples[i:i + k]]
+                      for i in range(0, len(samples), k)]
         texts = [s.completion for s in samples]
         rewards = [s.reward for s in valid]
         return {
@@ -113,7 +115,7 @@ class Evaluator:
             "distinct_1": distinct_n(texts, 1),
             "distinct_2": distinct_n(texts, 2),
             "self_bleu": self_bleu(texts),
-            f"pass@{k}": pass_at_k([r for r in per_prompt if r], k, self.config.eval.pass_threshold),
+            f"pass@{k}": pass_at_k(per_prompt, k, self.config.eval.pass_threshold),
             "prompts": len(prompts),
         }, samples
 
