@@ -60,13 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"raylign: {exc}", file=sys.stderr)
         return 2
-    from raylign.cluster.driver import train
+    from raylign.cluster.driver import train_each_seed
 
-    results = train(config)
-    print(
-        f"done: {results['steps']} steps, reward {results['reward_first_10pct']:.3f} (first 10%) -> "
-        f"{results['reward_last_10pct']:.3f} (last 10%); outputs in {config.output_dir}"
-    )
+    for results in train_each_seed(config):
+        print(
+            f"done: {results['steps']} steps, reward {results['reward_first_10pct']:.3f} (first 10%) -> "
+            f"{results['reward_last_10pct']:.3f} (last 10%); outputs in {results['output_dir']}"
+        )
     return 0
 
 

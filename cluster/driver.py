@@ -23,6 +23,7 @@ from raylign.cluster.rollout_pool import RolloutPool
 from raylign.common.config import BUILTIN_MODEL_PREFIX, RunConfig, config_to_yaml
 from raylign.common.data import load_text_column
 from raylign.common.run_logging import RunLogger
+from raylign.common.statistics import steps_to_threshold
 from raylign.common.types import Sample
 from raylign.learner.learner_worker import LearnerWorker
 
@@ -31,16 +32,37 @@ class SyncError(RuntimeError):
     """The rollout actors are not sampling from the adapter the learner published."""
 
 
+def train_each_seed(config: RunConfig) -> list[dict]:
+    """`seeds: [...]` runs the experiment once per seed into output_dir/seed_<s>; otherwise one run."""
+    if not config.seeds:
+        return [train(config)]
+    return [
+        train(config.model_copy(update={"seed": seed, "seeds": None, "output_dir": str(Path(config.output_dir) / f"seed_{seed}")}))
+        for seed in config.seeds
+    ]
+
+
 def train(config: RunConfig) -> dict:
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(config_to_yaml(config))
     start_ray(config)
+    actors: list = []
+    try:
+        return run_training(config, output_dir, actors)
+    finally:
+        # Free the CPU/GPU reservations even when the run fails, so a shared Ray can go on.
+        for actor in actors:
+            ray.kill(actor)
+
+
+def run_training(config: RunConfig, output_dir: Path, actors: list) -> dict:
     model_path = resolve_model_path(config, output_dir)
 
     learner = ray.remote(LearnerWorker).options(num_cpus=config.train.num_cpus, num_gpus=config.train.num_gpus).remote(
         model_path, config.model, config.train, config.algorithm, config.rollout, config.seed
     )
+    actors.append(learner)
     sft_metrics = {}
     if config.sft.steps > 0:
         model_path, sft_metrics = warm_start(config, learner, output_dir)
@@ -48,7 +70,10 @@ def train(config: RunConfig) -> dict:
 
     rollouts = RolloutPool(config, model_path)
     rewards = RewardPool(config.reward)
+    actors.extend([*rollouts.workers, *rewards.workers])
     sampler = make_prompt_sampler(config, model_path, output_dir)
+    # Gradient-variance probes draw their own prompts, so measuring never changes what training sees.
+    probe_sampler = make_prompt_sampler(config, model_path, output_dir, seed=config.seed + 7919)
     evaluator = Evaluator(config, model_path, output_dir, rollouts, rewards, learner)
     policy = learner.publish.remote()
     rollouts.publish(policy)
@@ -59,6 +84,9 @@ def train(config: RunConfig) -> dict:
     try:
         for step in progress(range(config.train.steps), config.logging.progress, history):
             timer = PhaseTimer()
+            if config.train.grad_variance_every and step % config.train.grad_variance_every == 0:
+                measure_gradient_variance(config, learner, rollouts, rewards, probe_sampler, step, output_dir)
+                timer.lap("grad_variance")
             prompts = sampler.next_batch(config.train.prompts_per_step, step)
 
             if config.algorithm.is_differentiable:
@@ -102,7 +130,7 @@ def train(config: RunConfig) -> dict:
         test_metrics = evaluator.test(policy)
     finally:
         logger.close()
-    results = summarise(history, time.perf_counter() - run_start, sft_metrics, final_checkpoint)
+    results = summarise(history, time.perf_counter() - run_start, sft_metrics, final_checkpoint, output_dir)
     results.update(test_metrics)
     results.update(evaluator.best_summary())
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -163,11 +191,36 @@ def warm_start(config: RunConfig, learner, output_dir: Path) -> tuple[str, dict]
     return sft_dir, metrics
 
 
-def make_prompt_sampler(config: RunConfig, model_path: str, output_dir: Path) -> PromptSampler:
+def make_prompt_sampler(config: RunConfig, model_path: str, output_dir: Path, seed: int | None = None) -> PromptSampler:
     texts = load_text_column(config.data.prompts, config.data.prompt_field, config.data.split, data_dir=output_dir / "data")
     if config.data.max_prompts is not None:
         texts = texts[: config.data.max_prompts]
-    return PromptSampler(texts, tokenize_prompts(model_path, texts), config.seed)
+    return PromptSampler(texts, tokenize_prompts(model_path, texts), config.seed if seed is None else seed)
+
+
+def measure_gradient_variance(config: RunConfig, learner, rollouts: RolloutPool, rewards: RewardPool,
+                              probe_sampler: PromptSampler, step: int, output_dir: Path) -> dict:
+    """Gradients of B independent batches at the current weights -> gradient_variance.jsonl.
+
+    Policy-gradient batches are sampled by the rollout actors and scored with
+    raw (unnormalised) rewards; GRADE batches are prompts the learner relaxes.
+    """
+    batches = []
+    for _ in range(config.train.grad_variance_batches):
+        prompts = probe_sampler.next_batch(config.train.prompts_per_step, step)
+        if config.algorithm.is_differentiable:
+            batches.append(prompts)
+            continue
+        samples = rollouts.generate(prompts)
+        scored = rewards.score_batch(samples, normalize=False)
+        for sample, value in zip(samples, scored.raw_rewards or scored.rewards, strict=True):
+            sample.reward = value
+        valid = [s for s in samples if s.reward is not None]
+        batches.append((valid, [s.reward for s in valid], group_sizes_of(valid, samples, config.rollout.samples_per_prompt)))
+    result = ray.get(learner.gradient_variance.remote(batches, step))
+    with (output_dir / "gradient_variance.jsonl").open("a") as f:
+        f.write(json.dumps(result) + "\n")
+    return result
 
 
 def tokenize_prompts(model_path: str, texts: list[str]) -> list[list[int]]:
@@ -194,13 +247,16 @@ def checkpoint(learner, rewards: RewardPool, output_dir: Path, step: int, sample
     return ray.get(learner.save_checkpoint.remote(str(output_dir / "checkpoints" / f"step_{step + 1:06d}"), state))
 
 
-def summarise(history: list[dict], wall_seconds: float, sft_metrics: dict, final_checkpoint: str) -> dict:
+def summarise(history: list[dict], wall_seconds: float, sft_metrics: dict, final_checkpoint: str, output_dir: Path) -> dict:
     window = max(1, len(history) // 10)
     timing_keys = sorted({k for m in history for k in m if k.startswith("time/")})
     return {
+        "output_dir": str(output_dir),
         "steps": len(history),
         "reward_first_10pct": statistics.fmean(m["reward_mean"] for m in history[:window]),
         "reward_last_10pct": statistics.fmean(m["reward_mean"] for m in history[-window:]),
+        # Sample efficiency: first step whose smoothed reward covers 80 % of the run's rise.
+        "steps_to_80pct": steps_to_threshold([m["step"] for m in history], [m["reward_mean"] for m in history], 0.8),
         "kl_last": history[-1]["kl"],
         "logprob_gap_max": max((m["rollout/logprob_gap"] for m in history if "rollout/logprob_gap" in m), default=None),
         "mean_timings": {k: statistics.fmean(m[k] for m in history if k in m) for k in timing_keys},

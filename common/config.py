@@ -348,6 +348,15 @@ class TrainConfig(Section):
     num_gpus: float = Field(0.0, ge=0, description="GPUs for the learner actor.")
     threads: int = Field(1, ge=1, description="CPU threads the learner uses.")
     checkpoint_every: int = Field(0, ge=0, description="Save the adapter every N steps (0 = only at the end).")
+    grad_variance_every: int = Field(
+        0, ge=0,
+        description=(
+            "Every N steps (and at step 0), measure gradient noise at the current weights from grad_variance_batches "
+            "independent batches (no update): trace of the covariance, mean norm, their ratio; written to "
+            "gradient_variance.jsonl (0 = off)."
+        ),
+    )
+    grad_variance_batches: int = Field(8, ge=2, description="Independent batches per gradient-variance measurement.")
 
 
 class SftConfig(Section):
@@ -390,6 +399,11 @@ class ClusterConfig(Section):
 class RunConfig(Section):
     output_dir: str = Field("outputs/run", description="Where config, metrics, samples, checkpoints and results are written.")
     seed: int = Field(0, description="Seed for prompt order, sampling, LoRA init and SFT.")
+    seeds: list[int] | None = Field(
+        None,
+        description="Run the same experiment once per seed (e.g. [42, 123, 777]) into output_dir/seed_<s>; overrides `seed`.",
+    )
+    method: str | None = Field(None, description="Label for comparisons (`raylign report`); defaults to algorithm.name.")
     model: ModelConfig = Field(..., description="Policy model and LoRA adapter.")
     data: DataConfig = Field(default_factory=DataConfig, description="Prompt data.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout actors.")

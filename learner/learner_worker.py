@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 import random
 import statistics
 import time
@@ -140,69 +141,17 @@ class LearnerWorker:
         `group_sizes` defaults to equal groups of samples_per_prompt; groups are
         smaller when the reward actor marked some samples invalid.
         """
-        group_sizes = group_sizes or [self.rollout.samples_per_prompt] * (len(samples) // self.rollout.samples_per_prompt)
-        if sum(group_sizes) != len(samples):
-            raise ValueError(f"group sizes {group_sizes} do not add up to the {len(samples)} samples")
         if self.optimizer is None:
             raise RuntimeError("attach_lora must be called before train_step")
-        stale = [s.policy_version for s in samples if s.policy_version != self.version]
-        if stale:
-            raise RuntimeError(
-                f"{len(stale)} samples come from policy version {stale[0]} but the learner is at {self.version}; "
-                "on-policy training needs every sample from the current version"
-            )
-        algo, is_ppo = self.algorithm, self.algorithm.name == "ppo"
-        start = time.perf_counter()
-        batch = build_token_batch(samples, self.tokenizer.pad_token_id).to(self.device)
-        mask = batch.completion_mask
-        scores = torch.tensor(rewards, dtype=torch.float32, device=self.device)
-        kl_coef = self.kl_controller.value
-
-        with torch.no_grad():
-            old, old_values = self._score(batch, with_entropy=True, with_values=is_ppo)
-            with self.model.disable_adapter():
-                ref, _ = self._score(batch)
-        old_logp, ref_logp = old.logprobs, ref.logprobs
-        kl_k1 = alg.kl_per_token(old_logp, ref_logp, "k1")
-        sequence_kl = alg.masked_sum(kl_k1, mask, dim=-1)
-        importance = (alg.truncated_importance_weights(old_logp, batch.behaviour_logprobs, algo.importance_sampling_cap)
-                      if algo.importance_sampling_cap is not None else None)
-
-        if is_ppo:
-            token_rewards = alg.eos_rewards_with_kl(scores, kl_k1, mask, kl_coef if algo.kl_in_reward else 0.0)
-            advantages, returns = alg.gae(token_rewards, old_values, mask, algo.gamma, algo.lam)
-            advantages = alg.masked_whiten(advantages, mask)
-        else:
-            shaped = scores - kl_coef * sequence_kl if algo.kl_in_reward else scores
-            advantages = sequence_advantages(algo.name, shaped, group_sizes,
-                                             advantage_scale=algo.advantage_scale, baseline=self.reward_baseline)
-            if algo.name == "reinforce":
-                self.reward_baseline = alg.ema_update(self.reward_baseline, float(shaped.mean()), algo.baseline_momentum)
-        advantages = alg.clip_advantages(advantages, algo.advantage_clip)
-
+        algo, start = self.algorithm, time.perf_counter()
+        targets = self._prepare(samples, rewards, group_sizes, update_baseline=True)
         totals: dict[str, float] = {}
         updates, grad_norms = 0, []
         for _ in range(algo.epochs):
             order = torch.randperm(len(samples), generator=self.shuffle_rng) if algo.num_minibatches > 1 else torch.arange(len(samples))
             for minibatch in torch.tensor_split(order, algo.num_minibatches):
                 for rows in torch.split(minibatch, self.train_config.micro_batch_size):
-                    part = batch.select(rows)
-                    current, values = self._score(part, with_entropy=algo.entropy_coef > 0, with_values=is_ppo)
-                    loss, stats = policy_objective(
-                        current.logprobs, old_logp[rows], ref_logp[rows], advantages[rows], part.completion_mask,
-                        clip_low=algo.clip_low, clip_high=algo.clip_high,
-                        kl_coef_in_loss=0.0 if algo.kl_in_reward else kl_coef, kl_estimator=algo.kl_estimator,
-                        aggregation=algo.loss_aggregation, max_new_tokens=self.rollout.max_new_tokens,
-                        importance_weights=None if importance is None else importance[rows],
-                        entropy=current.entropy, entropy_coef=algo.entropy_coef,
-                    )
-                    if is_ppo:
-                        value_loss = alg.masked_mean(
-                            alg.clipped_value_loss(values, old_values[rows], returns[rows], part.completion_mask, algo.value_clip),
-                            part.completion_mask,
-                        )
-                        loss = loss + algo.value_coef * value_loss
-                        stats["value_loss"] = value_loss.detach()
+                    loss, stats = self._loss(targets, rows)
                     # Micro-batches are weighted by their share of the minibatch.
                     (loss * (len(rows) / len(minibatch))).backward()
                     for key, value in {"loss": loss.detach(), **stats}.items():
@@ -210,18 +159,15 @@ class LearnerWorker:
                 grad_norms.append(self._optimizer_step())
                 updates += len(minibatch)
         self.version += 1
-        self.kl_controller.update(float(sequence_kl.mean()), len(samples) if algo.kl_controller == "adaptive" else 1)
-        self.grad_norm_history.append(grad_norms[-1])
-        window = self.grad_norm_history[-self.train_config.grad_norm_window:]
+        self.kl_controller.update(float(targets.sequence_kl.mean()), len(samples) if algo.kl_controller == "adaptive" else 1)
+        mask, batch = targets.batch.completion_mask, targets.batch
+        gap = (targets.old_logp - batch.behaviour_logprobs).abs()
         metrics = {key: value / updates for key, value in totals.items()}
-        gap = (old_logp - batch.behaviour_logprobs).abs()
+        metrics.update(self._grad_norm_metrics(grad_norms[-1]))
         metrics.update({
-            "grad_norm": grad_norms[-1],
-            "grad_norm_mean": statistics.fmean(window),
-            "grad_norm_std": statistics.pstdev(window),
-            "entropy": float(alg.masked_mean(old.entropy, mask)),
-            "kl_sequence": float(sequence_kl.mean()),
-            "kl_coef": kl_coef,
+            "entropy": float(alg.masked_mean(targets.entropy, mask)),
+            "kl_sequence": float(targets.sequence_kl.mean()),
+            "kl_coef": targets.kl_coef,
             "kl_placement": "reward" if algo.kl_in_reward else "loss",
             "rollout/logprob_gap": float(alg.masked_mean(gap, mask)),
             "rollout/logprob_gap_max": float((gap * mask).max()),
@@ -230,11 +176,103 @@ class LearnerWorker:
             "policy_version": self.version,
             "learn_seconds": time.perf_counter() - start,
         })
-        if importance is not None:
-            metrics["importance_weight_mean"] = float(alg.masked_mean(importance, mask))
-        if is_ppo:
-            metrics["explained_variance"] = alg.explained_variance(old_values, returns, mask)
+        if targets.importance is not None:
+            metrics["importance_weight_mean"] = float(alg.masked_mean(targets.importance, mask))
+        if targets.returns is not None:
+            metrics["explained_variance"] = alg.explained_variance(targets.old_values, targets.returns, mask)
         return metrics
+
+    def _prepare(self, samples: list[Sample], rewards: list[float], group_sizes: list[int] | None,
+                 update_baseline: bool) -> "UpdateTargets":
+        """Everything fixed during an update: old/reference logprobs, values, advantages, returns."""
+        group_sizes = group_sizes or [self.rollout.samples_per_prompt] * (len(samples) // self.rollout.samples_per_prompt)
+        if sum(group_sizes) != len(samples):
+            raise ValueError(f"group sizes {group_sizes} do not add up to the {len(samples)} samples")
+        stale = [s.policy_version for s in samples if s.policy_version != self.version]
+        if stale:
+            raise RuntimeError(
+                f"{len(stale)} samples come from policy version {stale[0]} but the learner is at {self.version}; "
+                "on-policy training needs every sample from the current version"
+            )
+        algo, is_ppo = self.algorithm, self.algorithm.name == "ppo"
+        batch = build_token_batch(samples, self.tokenizer.pad_token_id).to(self.device)
+        mask = batch.completion_mask
+        scores = torch.tensor(rewards, dtype=torch.float32, device=self.device)
+        kl_coef = self.kl_controller.value
+        with torch.no_grad():
+            old, old_values = self._score(batch, with_entropy=True, with_values=is_ppo)
+            with self.model.disable_adapter():
+                ref, _ = self._score(batch)
+        kl_k1 = alg.kl_per_token(old.logprobs, ref.logprobs, "k1")
+        sequence_kl = alg.masked_sum(kl_k1, mask, dim=-1)
+        importance = (alg.truncated_importance_weights(old.logprobs, batch.behaviour_logprobs, algo.importance_sampling_cap)
+                      if algo.importance_sampling_cap is not None else None)
+        returns = None
+        if is_ppo:
+            token_rewards = alg.eos_rewards_with_kl(scores, kl_k1, mask, kl_coef if algo.kl_in_reward else 0.0)
+            advantages, returns = alg.gae(token_rewards, old_values, mask, algo.gamma, algo.lam)
+            advantages = alg.masked_whiten(advantages, mask)
+        else:
+            shaped = scores - kl_coef * sequence_kl if algo.kl_in_reward else scores
+            advantages = sequence_advantages(algo.name, shaped, group_sizes,
+                                             advantage_scale=algo.advantage_scale, baseline=self.reward_baseline)
+            if algo.name == "reinforce" and update_baseline:
+                self.reward_baseline = alg.ema_update(self.reward_baseline, float(shaped.mean()), algo.baseline_momentum)
+        return UpdateTargets(
+            batch=batch, old_logp=old.logprobs, entropy=old.entropy, ref_logp=ref.logprobs, old_values=old_values,
+            advantages=alg.clip_advantages(advantages, algo.advantage_clip), returns=returns, importance=importance,
+            sequence_kl=sequence_kl, kl_coef=kl_coef,
+        )
+
+    def _loss(self, targets: "UpdateTargets", rows: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The method's loss on rows `rows` of the prepared batch, under the current weights."""
+        algo = self.algorithm
+        part = targets.batch.select(rows)
+        current, values = self._score(part, with_entropy=algo.entropy_coef > 0, with_values=targets.returns is not None)
+        loss, stats = policy_objective(
+            current.logprobs, targets.old_logp[rows], targets.ref_logp[rows], targets.advantages[rows], part.completion_mask,
+            clip_low=algo.clip_low, clip_high=algo.clip_high,
+            kl_coef_in_loss=0.0 if algo.kl_in_reward else targets.kl_coef, kl_estimator=algo.kl_estimator,
+            aggregation=algo.loss_aggregation, max_new_tokens=self.rollout.max_new_tokens,
+            importance_weights=None if targets.importance is None else targets.importance[rows],
+            entropy=current.entropy, entropy_coef=algo.entropy_coef,
+        )
+        if targets.returns is not None:
+            value_loss = alg.masked_mean(
+                alg.clipped_value_loss(values, targets.old_values[rows], targets.returns[rows], part.completion_mask,
+                                       algo.value_clip),
+                part.completion_mask,
+            )
+            loss = loss + algo.value_coef * value_loss
+            stats["value_loss"] = value_loss.detach()
+        return loss, stats
+
+    def gradient_variance(self, batches: list, step: int) -> dict:
+        """Gradient noise at the current (fixed) weights from independent batches; no update is made.
+
+        `batches` holds (samples, rewards, group_sizes) for the policy-gradient
+        methods, or lists of prompts for GRADE. Returns the trace of the
+        gradient covariance, the mean gradient norm and their scale-free ratio.
+        """
+        from raylign.learner.grade import gradient_variance
+
+        def gradient_of_batch(index: int) -> None:
+            if self.algorithm.is_differentiable:
+                loss = self._grade_loss(batches[index], step)[0]
+            else:
+                samples, rewards, group_sizes = batches[index]
+                targets = self._prepare(samples, rewards, group_sizes, update_baseline=False)
+                loss = self._loss(targets, torch.arange(len(samples)))[0]
+            loss.backward()
+
+        result = gradient_variance(gradient_of_batch, len(batches), self.trainable_parameters)
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"step": step, "method": self.algorithm.name, **result}
+
+    def _grad_norm_metrics(self, grad_norm: float) -> dict:
+        self.grad_norm_history.append(grad_norm)
+        window = self.grad_norm_history[-self.train_config.grad_norm_window:]
+        return {"grad_norm": grad_norm, "grad_norm_mean": statistics.fmean(window), "grad_norm_std": statistics.pstdev(window)}
 
     def grade_step(self, prompts: list[PromptItem], step: int) -> tuple[list[Sample], dict]:
         """One GRADE / GRADE-STE update: relaxed generation, differentiable RM reward, -reward + beta * KL.
@@ -242,31 +280,13 @@ class LearnerWorker:
         Returns the hard samples the relaxation stands for (decoded text, to be
         scored by the reward actor like every other method's) and the metrics.
         """
-        from raylign.learner.grade import grade_loss, peak_memory_bytes, relaxed_generate, tau_at
+        from raylign.learner.grade import peak_memory_bytes
 
-        algo, K = self.algorithm, self.rollout.samples_per_prompt
-        if self.reward_model is None:
-            raise RuntimeError("grade_step needs algorithm.reward_model; attach_lora loads it")
         start = time.perf_counter()
-        rows = [p for p in prompts for _ in range(K)]
-        width = max(len(p.token_ids) for p in rows)
-        pad = self.tokenizer.pad_token_id
-        prompt_ids = torch.tensor([[pad] * (width - len(p.token_ids)) + p.token_ids for p in rows], device=self.device)
-        prompt_mask = torch.tensor([[0] * (width - len(p.token_ids)) + [1] * len(p.token_ids) for p in rows], device=self.device)
-        tau = tau_at(step, algo.tau_start, algo.tau_end, algo.anneal_steps)
-        kl_coef = self.kl_controller.value
-        generation = relaxed_generate(
-            self.model, None, prompt_ids, prompt_mask, max_new_tokens=self.rollout.max_new_tokens, tau=tau,
-            straight_through=algo.name == "grade_ste", top_k=algo.relaxed_top_k, backprop_window=algo.backprop_window,
-            gradient_checkpointing=algo.gradient_checkpointing, eos_token_id=self.tokenizer.eos_token_id,
-            min_new_tokens=self.rollout.min_new_tokens, generator=self.shuffle_rng,
-        )
-        token_probs, mask = generation.sequence_for_reward(include_prompt=True)
-        reward = self.reward_model.reward_from_distributions(token_probs, mask)
-        loss, stats = grade_loss(reward, generation.kl, generation.completion_mask, kl_coef, tau=tau,
-                                 aggregation=algo.loss_aggregation, max_new_tokens=self.rollout.max_new_tokens)
+        loss, stats, generation, rows = self._grade_loss(prompts, step)
         loss.backward()
         grad_norm = self._optimizer_step()
+        K = self.rollout.samples_per_prompt
         samples = []
         for index, prompt in enumerate(rows):
             length = int(generation.completion_mask[index].sum())
@@ -279,13 +299,9 @@ class LearnerWorker:
             ))
         self.version += 1
         self.kl_controller.update(float(stats["kl_sequence"]), 1)
-        self.grad_norm_history.append(grad_norm)
-        window = self.grad_norm_history[-self.train_config.grad_norm_window:]
         metrics = {key: float(value) for key, value in stats.items()}
+        metrics.update(self._grad_norm_metrics(grad_norm))
         metrics.update({
-            "grad_norm": grad_norm,
-            "grad_norm_mean": statistics.fmean(window),
-            "grad_norm_std": statistics.pstdev(window),
             "kl_placement": "loss",
             "response_length_mean": float(generation.completion_mask.sum(-1).float().mean()),
             "learning_rate": self.scheduler.get_last_lr()[0],
@@ -294,6 +310,31 @@ class LearnerWorker:
             "learn_seconds": time.perf_counter() - start,
         })
         return samples, metrics
+
+    def _grade_loss(self, prompts: list[PromptItem], step: int):
+        """Relaxed generation from K copies of each prompt, scored by the classifier RM's soft path."""
+        from raylign.learner.grade import grade_loss, relaxed_generate, tau_at
+
+        algo, K = self.algorithm, self.rollout.samples_per_prompt
+        if self.reward_model is None:
+            raise RuntimeError("GRADE needs algorithm.reward_model; attach_lora loads it")
+        rows = [p for p in prompts for _ in range(K)]
+        width = max(len(p.token_ids) for p in rows)
+        pad = self.tokenizer.pad_token_id
+        prompt_ids = torch.tensor([[pad] * (width - len(p.token_ids)) + p.token_ids for p in rows], device=self.device)
+        prompt_mask = torch.tensor([[0] * (width - len(p.token_ids)) + [1] * len(p.token_ids) for p in rows], device=self.device)
+        tau = tau_at(step, algo.tau_start, algo.tau_end, algo.anneal_steps)
+        generation = relaxed_generate(
+            self.model, None, prompt_ids, prompt_mask, max_new_tokens=self.rollout.max_new_tokens, tau=tau,
+            straight_through=algo.name == "grade_ste", top_k=algo.relaxed_top_k, backprop_window=algo.backprop_window,
+            gradient_checkpointing=algo.gradient_checkpointing, eos_token_id=self.tokenizer.eos_token_id,
+            min_new_tokens=self.rollout.min_new_tokens, generator=self.shuffle_rng,
+        )
+        token_probs, mask = generation.sequence_for_reward(include_prompt=True)
+        reward = self.reward_model.reward_from_distributions(token_probs, mask)
+        loss, stats = grade_loss(reward, generation.kl, generation.completion_mask, self.kl_controller.value, tau=tau,
+                                 aggregation=algo.loss_aggregation, max_new_tokens=self.rollout.max_new_tokens)
+        return loss, stats, generation, rows
 
     def _optimizer_step(self) -> float:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters, self.train_config.max_grad_norm))
@@ -310,6 +351,22 @@ class LearnerWorker:
                     "torch_rng": torch.get_rng_state()}, path / "learner_state.pt")
         (path / "driver_state.json").write_text(json.dumps(driver_state, indent=2))
         return str(path)
+
+
+@dataclass
+class UpdateTargets:
+    """What stays fixed while a batch is optimised: computed once under the weights that sampled it."""
+
+    batch: TokenBatch
+    old_logp: torch.Tensor
+    entropy: torch.Tensor
+    ref_logp: torch.Tensor
+    old_values: torch.Tensor | None
+    advantages: torch.Tensor
+    returns: torch.Tensor | None
+    importance: torch.Tensor | None
+    sequence_kl: torch.Tensor
+    kl_coef: float
 
 
 def learning_rate_factor(step: int, warmup: int, total: int, schedule: str) -> float:

@@ -58,6 +58,8 @@ def test_each_policy_gradient_method_raises_reward(method, warm_model_dir, ray_s
         f"output_dir={tmp_path}", f"model.path={warm_model_dir}", "sft.steps=0", "rollout.backend=hf",
         f"algorithm.name={method}", "train.steps=16", "logging.progress=false",
     ]
+    if method == "reinforce":
+        overrides += ["train.grad_variance_every=8", "train.grad_variance_batches=3"]
     if method == "ppo":
         overrides += ["algorithm.epochs=2", "algorithm.num_minibatches=2", "algorithm.kl_controller=adaptive",
                       "algorithm.kl_target=0.5", "algorithm.kl_horizon=200"]
@@ -67,6 +69,10 @@ def test_each_policy_gradient_method_raises_reward(method, warm_model_dir, ray_s
     last = sum(m["reward_mean"] for m in metrics[-4:]) / 4
     assert last > first + 0.2, (method, first, last)
     assert all(m["kl_placement"] == "reward" for m in metrics)
+    if method == "reinforce":
+        probes = [json.loads(line) for line in (tmp_path / "gradient_variance.jsonl").read_text().splitlines()]
+        assert [p["step"] for p in probes] == [0, 8]
+        assert all(p["num_batches"] == 3 and p["trace_covariance"] > 0 and p["variance_ratio"] > 0 for p in probes)
     if method == "ppo":
         assert {"value_loss", "explained_variance"} <= set(metrics[-1])
         # KL above the 0.5 target pushes the adaptive coefficient up.
@@ -83,6 +89,7 @@ def test_grade_raises_the_hard_text_reward_and_is_evaluated_by_rollout_actors(
         "algorithm.anneal_steps=20", "train.learning_rate=0.01", "train.steps=20", "logging.progress=false",
         "reward.function=null", f"reward.sources=[{{name: classifier_rm, path: '{sentiment_classifier_dir}'}}]",
         "eval.every=10", "eval.val_samples=8", "eval.samples_per_prompt=2",
+        "train.grad_variance_every=10", "train.grad_variance_batches=2",
     ])
     train(config)
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -95,3 +102,5 @@ def test_grade_raises_the_hard_text_reward_and_is_evaluated_by_rollout_actors(
     assert {"reward_soft", "peak_memory_bytes", "grad_norm"} <= set(metrics[-1])
     validated = [m for m in metrics if "val/reward_mean" in m]
     assert [m["step"] for m in validated] == [9, 19]
+    probes = [json.loads(line) for line in (tmp_path / "gradient_variance.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in probes] == [0, 10] and all(p["trace_covariance"] > 0 for p in probes)

@@ -1,0 +1,239 @@
+"""`raylign pipeline CONFIG`: named stages in order, on Ray, each stage's artefact feeding the next by path.
+
+Every stage runs in `output_dir/<stage name>/`. Offline stages (sft, reward_model, dpo) run in an
+`OfflineTrainer` actor with the stage's resources; a train stage is an RL run of the driver. A stage whose
+`results.json` exists is done and is skipped on a re-run, unless forced; forcing a stage also re-runs every
+stage that uses its artefact. `pipeline.json` records each stage's status, artefact, seconds and key metrics,
+and is rewritten after every stage, so a failed run shows how far it got.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import shutil
+import sys
+import textwrap
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from raylign.common.config import ConfigError, RewardConfig, RolloutConfig, TrainConfig, config_to_yaml
+from raylign.common.pipeline_config import (
+    PipelineConfig,
+    Stage,
+    TrainStage,
+    describe_pipeline_fields,
+    load_pipeline_config,
+    resolve_stage,
+)
+
+SUMMARY = "pipeline.json"
+# What pipeline.json shows of each stage's results, by kind.
+KEY_METRICS = {
+    "sft": ("loss_last", "eval/loss_before", "eval/loss", "eval/perplexity"),
+    "reward_model": ("val/accuracy", "val/loss", "val/margin_mean", "num_mistakes"),
+    "dpo": ("rewards/margins", "rewards/accuracies", "eval/rewards/margins", "eval/rewards/accuracies"),
+    "train": ("reward_first_10pct", "reward_last_10pct", "kl_last", "logprob_gap_max"),
+}
+
+
+class PipelineError(RuntimeError):
+    """A stage failed; the message names the stage and the cause."""
+
+
+def run_pipeline(config: PipelineConfig, force: bool | Iterable[str] = False) -> dict:
+    """Run every stage not yet done (or forced), in order; returns what pipeline.json holds."""
+    output_dir = Path(config.output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "pipeline.yaml").write_text(config_to_yaml(config))
+    rerun = stages_to_rerun(config, force)
+    summary = {"output_dir": str(output_dir), "seconds": 0.0,
+               "stages": [{"name": s.name, "kind": s.kind, "status": "pending"} for s in config.stages]}
+    artefacts: dict[str, str] = {}
+    start = time.perf_counter()
+    for row, stage in zip(summary["stages"], config.stages):
+        stage_dir = output_dir / stage.name
+        previous = read_results(stage_dir)
+        if previous is not None and stage.name not in rerun:
+            row.update(status="skipped", **stage_summary(stage, previous))
+            artefacts[stage.name] = row["artefact"]
+            _log(f"stage '{stage.name}' ({stage.kind}): done before, skipped (--force {stage.name} re-runs it)")
+            continue
+        # A stage starts clean: leftovers of a failed or forced run (appended metrics, old checkpoints) would mix in.
+        if stage_dir.exists():
+            shutil.rmtree(stage_dir)
+        row["status"] = "running"
+        _write_summary(output_dir, summary, start)
+        _log(f"stage '{stage.name}' ({stage.kind}): running in {stage_dir}")
+        stage_start = time.perf_counter()
+        try:
+            results = run_stage(stage, stage_dir, config, artefacts)
+        except Exception as error:
+            cause = getattr(error, "cause", None) or error
+            row.update(status="failed", seconds=time.perf_counter() - stage_start, error=f"{type(cause).__name__}: {cause}")
+            _write_summary(output_dir, summary, start)
+            raise PipelineError(f"stage '{stage.name}' ({stage.kind}) failed: {type(cause).__name__}: {cause}") from error
+        finally:
+            gc.collect()
+        row.update(status="done", **stage_summary(stage, results))
+        row["seconds"] = time.perf_counter() - stage_start
+        artefacts[stage.name] = row["artefact"]
+        _write_summary(output_dir, summary, start)
+        _log(f"stage '{stage.name}' ({stage.kind}): done in {row['seconds']:.1f} s, artefact {row['artefact']}")
+    return _write_summary(output_dir, summary, start)
+
+
+def run_stage(stage: Stage, stage_dir: Path, config: PipelineConfig, artefacts: dict[str, str]) -> dict:
+    """One stage with its references resolved: an RL run of the driver, or an OfflineTrainer actor."""
+    import ray
+
+    start_pipeline_ray(config)
+    if isinstance(stage, TrainStage):
+        from raylign.cluster.driver import train
+
+        return train(stage.run_config(str(stage_dir), config.seed, config.cluster, artefacts))
+    from raylign.learner.offline_jobs import OfflineTrainer
+
+    resolved = resolve_stage(stage, artefacts)
+    resources = resolved.resources
+    trainer = ray.remote(OfflineTrainer).options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus).remote(
+        config.seed, resources.threads, resources.num_gpus > 0
+    )
+    try:
+        return ray.get(getattr(trainer, resolved.kind).remote(resolved, str(stage_dir)))
+    finally:
+        ray.kill(trainer)
+
+
+def stages_to_rerun(config: PipelineConfig, force: bool | Iterable[str]) -> set[str]:
+    """Stage names to run even if done: all (force=True), none (False), or the named ones and their dependents."""
+    if force is True:
+        return {stage.name for stage in config.stages}
+    if not force:
+        return set()
+    names = set(force)
+    known = [stage.name for stage in config.stages]
+    unknown = sorted(names - set(known))
+    if unknown:
+        raise ConfigError(f"--force {' '.join(unknown)}: no such stage; the stages are {', '.join(known)}")
+    return config.dependents(names)
+
+
+def read_results(stage_dir: Path) -> dict | None:
+    path = stage_dir / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def stage_summary(stage: Stage, results: dict) -> dict:
+    """Artefact, seconds and key metrics of a finished stage, from its results."""
+    artefact = results["final_checkpoint"] if isinstance(stage, TrainStage) else results["artefact"]
+    seconds = results.get("wall_seconds") if isinstance(stage, TrainStage) else results.get("seconds")
+    metrics = {key: results[key] for key in KEY_METRICS[stage.kind] if key in results}
+    return {"artefact": artefact, "seconds": seconds, "metrics": metrics}
+
+
+def start_pipeline_ray(config: PipelineConfig) -> None:
+    """Join `cluster.address`, reuse a running Ray, or start one locally that fits the largest stage."""
+    import ray
+
+    from raylign.cluster.ray_setup import WORKER_ENV
+
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": WORKER_ENV}
+    if config.cluster.address is not None:
+        ray.init(address=config.cluster.address, runtime_env=runtime_env)
+        return
+    need = max(stage_cpus(stage) for stage in config.stages)
+    num_cpus = max(config.cluster.num_cpus or os.cpu_count() or 1, math.ceil(need))
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+
+
+def stage_cpus(stage: Stage) -> float:
+    """CPUs Ray must have for the stage's actors to start (logical: they time-share the real cores)."""
+    if not isinstance(stage, TrainStage):
+        return stage.resources.num_cpus
+
+    def value(section: str, name: str, model) -> float:
+        return stage.run.get(section, {}).get(name, model.model_fields[name].default)
+
+    return (value("train", "num_cpus", TrainConfig)
+            + value("rollout", "num_cpus", RolloutConfig) * value("rollout", "num_workers", RolloutConfig)
+            + value("reward", "num_cpus", RewardConfig) * value("reward", "num_workers", RewardConfig))
+
+
+def _write_summary(output_dir: Path, summary: dict, start: float) -> dict:
+    summary["seconds"] = time.perf_counter() - start
+    partial = output_dir / (SUMMARY + ".partial")
+    partial.write_text(json.dumps(summary, indent=2))
+    os.replace(partial, output_dir / SUMMARY)
+    return summary
+
+
+def _log(message: str) -> None:
+    print(f"[pipeline] {message}", file=sys.stderr, flush=True)
+
+
+# ----- command line -----
+
+
+def _fields_help() -> str:
+    lines = ["pipeline fields (set in YAML; override as key=value, a stage's as stages.<name>.field=value):", ""]
+    for name, default, description in describe_pipeline_fields():
+        lines.append(f"  {name}  [default: {default}]")
+        lines.extend(textwrap.wrap(description, width=88, initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raylign pipeline",
+        description=(
+            "Run the stages of a pipeline config in order (sft, reward_model, dpo, train), each in "
+            "output_dir/<stage>/; finished stages are skipped. Example: raylign pipeline "
+            "configs/pipelines/gpt2_hh_rlhf_tiny.yaml stages.sft.training.steps=50 --force sft"
+        ),
+        epilog=_fields_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", help="pipeline YAML file")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (YAML values), e.g. seed=1 stages.rm.training.steps=20")
+    parser.add_argument(
+        "--force", nargs="*", metavar="STAGE",
+        help="re-run finished stages: every stage when no name follows, else the named ones and the stages using their artefacts",
+    )
+    return parser
+
+
+def pipeline_main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    overrides = list(args.overrides)
+    force: bool | list[str] = False
+    if args.force is not None:
+        # `--force sft seed=1` hands the override to --force as well; give it back.
+        overrides += [item for item in args.force if "=" in item]
+        names = [item for item in args.force if "=" not in item]
+        force = names or True
+    try:
+        config = load_pipeline_config(args.config, overrides)
+        stages_to_rerun(config, force)
+    except ConfigError as error:
+        print(f"raylign: {error}", file=sys.stderr)
+        return 2
+    try:
+        summary = run_pipeline(config, force)
+    except PipelineError as error:
+        print(f"raylign: {error}\n(see {Path(config.output_dir) / SUMMARY})", file=sys.stderr)
+        return 1
+    for row in summary["stages"]:
+        metrics = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row["metrics"].items())
+        print(f"{row['name']:<16} {row['kind']:<13} {row['status']:<8} {row['seconds'] or 0:8.1f} s  {metrics}")
+    print(f"done in {summary['seconds']:.1f} s; outputs in {summary['output_dir']} ({SUMMARY})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(pipeline_main())
