@@ -1,4 +1,4 @@
-"""`raylign` command line: train, bench, report, tiny-model."""
+"""`raylign` command line: train, pipeline, bench, report, judge, tiny-model."""
 
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("bench", help="benchmarks that write JSON (raylign bench rollout --help)", add_help=False)
     commands.add_parser("report", help="compare run directories: comparison.json, LaTeX table, plots, report.md", add_help=False)
+    commands.add_parser("pipeline", help="run named stages (SFT -> RM -> RL/DPO) from one config", add_help=False)
+    commands.add_parser("judge", help="LLM-as-judge win rate of one run's samples against another's", add_help=False)
 
     tiny = commands.add_parser("tiny-model", help="build a tiny random causal LM and BPE tokenizer offline")
     tiny.add_argument("output", help="directory to write the model and tokenizer to")
@@ -45,6 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         from raylign.cluster.bench import bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["pipeline"]:
+        from raylign.cluster.pipeline import pipeline_main
+
+        return pipeline_main(argv[1:])
+    if argv[:1] == ["judge"]:
+        from raylign.cluster.judge_cli import judge_main
+
+        return judge_main(argv[1:])
     if argv[:1] == ["report"]:
         from raylign.cluster.report import report_main
 

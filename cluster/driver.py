@@ -195,7 +195,8 @@ def make_prompt_sampler(config: RunConfig, model_path: str, output_dir: Path, se
     texts = load_text_column(config.data.prompts, config.data.prompt_field, config.data.split, data_dir=output_dir / "data")
     if config.data.max_prompts is not None:
         texts = texts[: config.data.max_prompts]
-    return PromptSampler(texts, tokenize_prompts(model_path, texts), config.seed if seed is None else seed)
+    token_ids = tokenize_prompts(model_path, texts, config.data.chat_template)
+    return PromptSampler(texts, token_ids, config.seed if seed is None else seed)
 
 
 def measure_gradient_variance(config: RunConfig, learner, rollouts: RolloutPool, rewards: RewardPool,
@@ -223,11 +224,14 @@ def measure_gradient_variance(config: RunConfig, learner, rollouts: RolloutPool,
     return result
 
 
-def tokenize_prompts(model_path: str, texts: list[str]) -> list[list[int]]:
+def tokenize_prompts(model_path: str, texts: list[str], chat_template: bool | None) -> list[list[int]]:
+    """Prompt token ids, tokenised once here so every engine sees exactly the same ids."""
     from transformers import AutoTokenizer
 
+    from raylign.common.prompt_completion import encode_prompt
+
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    return [tokenizer(text).input_ids for text in texts]
+    return [encode_prompt(tokenizer, text, chat_template=chat_template) for text in texts]
 
 
 def check_sync(learner_metrics: dict, tolerance: float, step: int) -> None:

@@ -60,7 +60,7 @@ class Evaluator:
 
         # Fixed seeds: every evaluation of every method sees the same prompts with the same noise.
         return [PromptItem(index=i, text=t, token_ids=ids, seed=(EVAL_SEED_OFFSET + offset + i) % (2**31 - 1))
-                for i, (t, ids) in enumerate(zip(texts, tokenize_prompts(model_path, texts)))]
+                for i, (t, ids) in enumerate(zip(texts, tokenize_prompts(model_path, texts, self.config.data.chat_template)))]
 
     def validation_due(self, step: int) -> bool:
         every = self.config.eval.every

@@ -32,6 +32,7 @@ from raylign.common.pipeline_config import (
 )
 
 SUMMARY = "pipeline.json"
+STAGE_MARKER = ".pipeline-stage"
 # What pipeline.json shows of each stage's results, by kind.
 KEY_METRICS = {
     "sft": ("loss_last", "eval/loss_before", "eval/loss", "eval/perplexity"),
@@ -63,14 +64,12 @@ def run_pipeline(config: PipelineConfig, force: bool | Iterable[str] = False) ->
             artefacts[stage.name] = row["artefact"]
             _log(f"stage '{stage.name}' ({stage.kind}): done before, skipped (--force {stage.name} re-runs it)")
             continue
-        # A stage starts clean: leftovers of a failed or forced run (appended metrics, old checkpoints) would mix in.
-        if stage_dir.exists():
-            shutil.rmtree(stage_dir)
         row["status"] = "running"
         _write_summary(output_dir, summary, start)
         _log(f"stage '{stage.name}' ({stage.kind}): running in {stage_dir}")
         stage_start = time.perf_counter()
         try:
+            clear_stage_dir(stage_dir)
             results = run_stage(stage, stage_dir, config, artefacts)
         except Exception as error:
             cause = getattr(error, "cause", None) or error
@@ -92,6 +91,7 @@ def run_stage(stage: Stage, stage_dir: Path, config: PipelineConfig, artefacts: 
     import ray
 
     start_pipeline_ray(config)
+    check_gpus(stage)
     if isinstance(stage, TrainStage):
         from raylign.cluster.driver import train
 
@@ -107,6 +107,20 @@ def run_stage(stage: Stage, stage_dir: Path, config: PipelineConfig, artefacts: 
         return ray.get(getattr(trainer, resolved.kind).remote(resolved, str(stage_dir)))
     finally:
         ray.kill(trainer)
+
+
+def clear_stage_dir(stage_dir: Path) -> None:
+    """Start a stage in an empty directory: leftovers of a failed or forced run (appended metrics, old
+    checkpoints) would mix in. Only a directory a pipeline stage wrote (it holds the marker) is deleted."""
+    if stage_dir.exists():
+        if not (stage_dir / STAGE_MARKER).is_file() and any(stage_dir.iterdir()):
+            raise PipelineError(
+                f"{stage_dir} exists and was not written by a pipeline stage, so it is left alone; "
+                "move it away or choose another output_dir"
+            )
+        shutil.rmtree(stage_dir)
+    stage_dir.mkdir(parents=True)
+    (stage_dir / STAGE_MARKER).write_text("written by `raylign pipeline`; deleted when the stage re-runs\n")
 
 
 def stages_to_rerun(config: PipelineConfig, force: bool | Iterable[str]) -> set[str]:
@@ -157,13 +171,32 @@ def stage_cpus(stage: Stage) -> float:
     """CPUs Ray must have for the stage's actors to start (logical: they time-share the real cores)."""
     if not isinstance(stage, TrainStage):
         return stage.resources.num_cpus
+    return (_run_value(stage, "train", "num_cpus", TrainConfig)
+            + _run_value(stage, "rollout", "num_cpus", RolloutConfig) * _run_value(stage, "rollout", "num_workers", RolloutConfig)
+            + _run_value(stage, "reward", "num_cpus", RewardConfig) * _run_value(stage, "reward", "num_workers", RewardConfig))
 
-    def value(section: str, name: str, model) -> float:
-        return stage.run.get(section, {}).get(name, model.model_fields[name].default)
 
-    return (value("train", "num_cpus", TrainConfig)
-            + value("rollout", "num_cpus", RolloutConfig) * value("rollout", "num_workers", RolloutConfig)
-            + value("reward", "num_cpus", RewardConfig) * value("reward", "num_workers", RewardConfig))
+def check_gpus(stage: Stage) -> None:
+    """Refuse a stage whose actor asks for more GPUs than the cluster has: Ray would wait for them forever."""
+    import ray
+
+    available = ray.cluster_resources().get("GPU", 0.0)
+    if isinstance(stage, TrainStage):
+        requests = [(f"run.{section}.num_gpus", _run_value(stage, section, "num_gpus", model))
+                    for section, model in (("train", TrainConfig), ("rollout", RolloutConfig), ("reward", RewardConfig))]
+    else:
+        requests = [("resources.num_gpus", stage.resources.num_gpus)]
+    for field, value in requests:
+        if value > available:
+            raise ConfigError(
+                f"stages.{stage.name}.{field} = {value:g}, but the Ray cluster has {available:g} GPUs; run on a GPU "
+                f"node (or join a cluster with cluster.address), or override stages.{stage.name}.{field}=0 to use the CPU"
+            )
+
+
+def _run_value(stage: TrainStage, section: str, name: str, model) -> float:
+    """A number from a train stage's run config, or its default."""
+    return stage.run.get(section, {}).get(name, model.model_fields[name].default)
 
 
 def _write_summary(output_dir: Path, summary: dict, start: float) -> dict:

@@ -29,7 +29,10 @@ class Section(BaseModel):
 class LoraConfig(Section):
     r: int = Field(8, ge=1, description="LoRA rank.")
     alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input during training.")
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Dropout on the LoRA input in SFT/DPO training; RL updates run without dropout so ratios and the sync guard compare like with like.",
+    )
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt, or 'all-linear' for every linear layer except the output head."
     )
@@ -59,7 +62,14 @@ class DataConfig(Section):
     )
     prompt_field: str = Field("prompt", description="Column holding the prompt text.")
     split: str = Field("train", description="Dataset split to read prompts from.")
-    max_prompts: int | None = Field(None, ge=1, description="Use only the first N prompts (after shuffling with `seed`).")
+    max_prompts: int | None = Field(None, ge=1, description="Use only the first N prompts of the split.")
+    chat_template: bool | None = Field(
+        None,
+        description=(
+            "Wrap each prompt as a user turn with the tokenizer's chat template (instruct models). None: when the "
+            "tokenizer has a template; true without one is an error."
+        ),
+    )
 
 
 class RolloutConfig(Section):

@@ -74,7 +74,9 @@ class LearnerWorker:
                             target_modules=lora.target_modules, task_type="CAUSAL_LM")
         torch.manual_seed(self.seed)
         self.model = get_peft_model(self.model, config)
-        self.model.train()
+        # RL runs without dropout: old, reference and current logprobs (the probability ratio, the
+        # sync guard) must all come from the same deterministic function. lora.dropout applies to SFT/DPO.
+        self.model.eval()
         hidden_size = self.model.get_input_embeddings().embedding_dim
         # PPO's critic: a linear value head on the policy's last hidden state (zero init: V = 0 at the start).
         self.value_head = torch.nn.Linear(hidden_size, 1).to(self.device)

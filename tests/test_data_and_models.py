@@ -12,17 +12,18 @@ def test_builtin_reviews_are_deterministic_and_splits_disjoint(tmp_path):
     second = write_builtin_reviews(tmp_path / "b", seed=0)
     assert first["prompts"].read_text() == second["prompts"].read_text()
     rows = [json.loads(line) for line in first["prompts"].read_text().splitlines()]
-    train = {r["prompt"] for r in rows if r["split"] == "train"}
-    test = {r["prompt"] for r in rows if r["split"] == "test"}
-    assert len(train) > 300 and len(test) > 40
-    assert train.isdisjoint(test)
+    splits = {name: {r["prompt"] for r in rows if r["split"] == name} for name in ("train", "val", "test")}
+    assert [len(splits[name]) for name in ("train", "val", "test")] == [384, 64, 64]
+    assert splits["train"].isdisjoint(splits["val"]) and splits["train"].isdisjoint(splits["test"])
+    assert splits["val"].isdisjoint(splits["test"])
 
 
 def test_prompts_load_through_datasets_by_split(tmp_path):
     train = load_text_column("builtin:movie-reviews", "prompt", "train", data_dir=tmp_path)
+    val = load_text_column("builtin:movie-reviews", "prompt", "val", data_dir=tmp_path)
     test = load_text_column("builtin:movie-reviews", "prompt", "test", data_dir=tmp_path)
-    assert len(train) + len(test) == 512
-    assert set(train).isdisjoint(test)
+    assert len(train) + len(val) + len(test) == 512
+    assert set(train).isdisjoint(test) and set(train).isdisjoint(val) and set(val).isdisjoint(test)
 
 
 def test_missing_column_names_the_fix(tmp_path):
@@ -48,3 +49,19 @@ def test_tiny_model_saves_and_reloads_with_vllm_compatible_head_dim(arch, tmp_pa
     assert tokenizer.decode(ids[0], skip_special_tokens=True) == "The movie was great."
     assert model(ids).logits.shape == (1, ids.shape[1], len(tokenizer))
     assert sum(p.numel() for p in model.parameters()) < 1_000_000
+
+
+def test_prompts_use_the_chat_template_of_instruct_tokenizers(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from raylign.cluster.driver import tokenize_prompts
+
+    plain = tokenize_prompts(tiny_model_dir, ["The movie was"], chat_template=None)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert plain == [tokenizer("The movie was").input_ids]
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    tokenizer.save_pretrained(tmp_path)
+    templated = tokenize_prompts(str(tmp_path), ["The movie was"], chat_template=None)
+    assert tokenizer.decode(templated[0]) == "user: The movie was\nassistant:"
+    with pytest.raises(ValueError, match="has no chat template"):
+        tokenize_prompts(tiny_model_dir, ["x"], chat_template=True)

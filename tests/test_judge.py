@@ -1,5 +1,6 @@
 """LLM judge: verdict parsing, tallying both orders, config checks, and the whole path against a real vLLM server."""
 
+import json
 import os
 import signal
 import socket
@@ -177,3 +178,20 @@ def test_judge_errors_from_a_real_server_name_the_cause_and_the_fix(vllm_server)
     # The tiny model has no chat template.
     with pytest.raises(JudgeError, match=r"HTTP 400.*judge\.mode = 'completions'"):
         judge_win_rate(["p"], ["c"], ["b"], JudgeConfig(base_url=base_url, model=model, mode="chat", max_retries=0))
+
+
+@pytest.mark.slow
+def test_judge_command_pairs_two_runs_by_prompt_and_writes_json(vllm_server, tmp_path):
+    from raylign.cluster.judge_cli import judge_main
+
+    base_url, model = vllm_server
+    for name, answers in (("candidate", CANDIDATE), ("baseline", BASELINE)):
+        rows = [{"prompt": p, "completion": a} for p, a in zip(PROMPTS, answers)]
+        rows.append({"prompt": f"only in {name}", "completion": "x"})
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "judge.json"
+    assert judge_main([str(tmp_path / "candidate.jsonl"), str(tmp_path / "baseline.jsonl"), "--base-url", base_url,
+                       "--model", model, "--mode", "completions", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["pairs"] == len(PROMPTS)  # the prompt only one run has is not judged
+    assert sum(result["judgments"].values()) == 2 * len(PROMPTS)

@@ -94,3 +94,15 @@ def test_two_workers_produce_the_same_samples_as_one(pool):
         [(s.prompt_index, s.sample_index, s.completion_ids) for s in two]
     torch.testing.assert_close(torch.tensor([lp for s in one for lp in s.behaviour_logprobs]),
                                torch.tensor([lp for s in two for lp in s.behaviour_logprobs]), atol=1e-5, rtol=0)
+
+
+def test_republishing_a_loaded_version_makes_it_current_without_unloading_it(pool):
+    rollout, model_dir = pool
+    from transformers import AutoTokenizer
+
+    items = prompts(AutoTokenizer.from_pretrained(model_dir))
+    update = ray.put(AdapterUpdate(version=10, files=adapter_files(random_adapter(model_dir, seed=5), 10)))
+    rollout.publish(update)
+    first = rollout.generate(items)
+    rollout.publish(update)
+    assert [s.completion_ids for s in rollout.generate(items)] == [s.completion_ids for s in first]

@@ -1,0 +1,82 @@
+"""Built-in offline data sets for the pipeline stages, in the internal `PreferenceExample` schema.
+
+They stand in for the seeds' data sets offline, built from the same vocabulary as the synthetic reviews
+(`common.data`), and are deterministic: row i is the same for every run and every `num_rows` ≥ i.
+
+- `builtin:movie-reviews`: SFT data. prompt = a review opening ("Honestly, the plot was"), chosen = the rest
+  of the review, extra.text = the whole review. Moods are balanced, as in the RL prompt set.
+- `builtin:movie-preferences`: prompt = an opening, chosen = a positive continuation, rejected = a negative one.
+  Separable by sentiment words, so a tiny reward model can learn it in a few dozen steps.
+- `builtin:movie-sentiment`: IMDB-style rows: prompt = an opening, label 1 (positive) or 0 (negative),
+  extra.text = the whole review, which is what a classifier reward model reads.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from raylign.common.data import BUILTIN_REVIEWS, review_sentence, review_vocabulary, synthetic_prompt
+from raylign.common.preference_data import PreferenceExample
+
+BUILTIN_PREFERENCES = "builtin:movie-preferences"
+BUILTIN_SENTIMENT = "builtin:movie-sentiment"
+DEFAULT_ROWS = 2000
+MOODS = ("positive", "negative", "neutral")
+
+
+def review_continuation(rng: random.Random, mood: str) -> str:
+    """What follows an opening such as 'Honestly, the plot was': adjectives, a second sentence, maybe a verdict."""
+    vocabulary = review_vocabulary()
+    adjective = rng.choice(vocabulary[mood])
+    if rng.random() < 0.4:
+        adjective = f"{adjective} and {rng.choice(vocabulary[mood])}"
+    parts = [f"{adjective}.", review_sentence(rng, mood).capitalize() + "."]
+    if mood != "neutral" and rng.random() < 0.5:
+        parts.append(rng.choice(vocabulary[f"{mood}_tails"]).capitalize() + ".")
+    return " ".join(parts)
+
+
+def movie_reviews(num_rows: int = DEFAULT_ROWS, seed: int = 0) -> list[PreferenceExample]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(num_rows):
+        opening, mood = synthetic_prompt(rng), rng.choice(MOODS)
+        rest = review_continuation(rng, mood)
+        rows.append(PreferenceExample(prompt=opening, chosen=rest, extra={"text": f"{opening} {rest}", "mood": mood}))
+    return rows
+
+
+def movie_preferences(num_rows: int = DEFAULT_ROWS, seed: int = 0) -> list[PreferenceExample]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(num_rows):
+        opening = synthetic_prompt(rng)
+        rows.append(PreferenceExample(
+            prompt=opening, chosen=review_continuation(rng, "positive"), rejected=review_continuation(rng, "negative"),
+        ))
+    return rows
+
+
+def movie_sentiment(num_rows: int = DEFAULT_ROWS, seed: int = 0) -> list[PreferenceExample]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(num_rows):
+        opening, label = synthetic_prompt(rng), int(rng.random() < 0.5)
+        rest = review_continuation(rng, "positive" if label else "negative")
+        rows.append(PreferenceExample(prompt=opening, label=label, extra={"text": f"{opening} {rest}"}))
+    return rows
+
+
+BUILTIN_DATASETS: dict[str, Callable[..., list[PreferenceExample]]] = {
+    BUILTIN_REVIEWS: movie_reviews,
+    BUILTIN_PREFERENCES: movie_preferences,
+    BUILTIN_SENTIMENT: movie_sentiment,
+}
+
+
+def load_builtin_examples(name: str, max_rows: int | None = None) -> list[PreferenceExample]:
+    """The first `max_rows` (default 2000) rows of a built-in data set."""
+    if name not in BUILTIN_DATASETS:
+        raise ValueError(f"data source '{name}' is not a built-in data set; use one of {', '.join(BUILTIN_DATASETS)}")
+    return BUILTIN_DATASETS[name](num_rows=max_rows or DEFAULT_ROWS)

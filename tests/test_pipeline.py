@@ -1,0 +1,249 @@
+"""Pipelines: config validation and references, stage skipping and forcing, and one tiny twin end to end on Ray."""
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from raylign.cluster.pipeline import PipelineError, run_pipeline, stages_to_rerun
+from raylign.common.builtin_preferences import movie_preferences, movie_sentiment
+from raylign.common.config import ConfigError, RunConfig
+from raylign.common.data import review_vocabulary
+from raylign.common.pipeline_config import TrainStage, load_pipeline_config
+
+torch.set_num_threads(1)
+
+PIPELINES = Path(__file__).resolve().parent.parent / "configs" / "pipelines"
+TWINS = sorted(PIPELINES.glob("*_tiny.yaml"))
+SEED_PIPELINES = sorted(set(PIPELINES.glob("*.yaml")) - set(TWINS))
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def config_error(tmp_path: Path, text: str, overrides=()) -> str:
+    with pytest.raises(ConfigError) as error:
+        load_pipeline_config(write_config(tmp_path, text), list(overrides))
+    return str(error.value)
+
+
+SFT_THEN_RM = """
+    output_dir: {out}
+    stages:
+      - name: sft
+        kind: sft
+        model: {{path: "builtin:tiny-llama"}}
+        data: {{source: "builtin:movie-reviews"}}
+      - name: rm
+        kind: reward_model
+        model: {{path: "{reference}"}}
+        data: {{source: "builtin:movie-preferences"}}
+"""
+
+
+# ----- configs -----
+
+
+@pytest.mark.parametrize("path", SEED_PIPELINES + TWINS, ids=lambda p: p.stem)
+def test_every_shipped_pipeline_validates(path):
+    config = load_pipeline_config(path)
+    assert config.stages
+
+
+def test_every_seed_pipeline_has_a_tiny_twin():
+    assert len(SEED_PIPELINES) == 5
+    assert {p.stem + "_tiny" for p in SEED_PIPELINES} == {p.stem for p in TWINS}
+
+
+@pytest.mark.parametrize("path", TWINS, ids=lambda p: p.stem)
+def test_tiny_twins_are_offline_and_their_train_stages_are_run_configs(path, tmp_path):
+    config = load_pipeline_config(path)
+    artefacts = {}
+    for stage in config.stages:
+        if isinstance(stage, TrainStage):
+            run = stage.run_config(str(tmp_path / stage.name), config.seed, config.cluster, artefacts)
+            assert isinstance(run, RunConfig)
+            assert run.algorithm.name in ("grpo", "ppo", "reinforce", "rloo")
+            assert run.rollout.backend == "hf" and run.train.steps <= 3
+            assert run.model.path.startswith(str(tmp_path))
+        else:
+            assert stage.model.path.startswith(("builtin:", "{"))
+            assert stage.data.source.startswith("builtin:")
+        # Stand-in artefacts, so the next stages' existence checks pass.
+        artefacts[stage.name] = str(tmp_path / stage.name)
+        Path(artefacts[stage.name]).mkdir()
+
+
+def test_unknown_stage_reference_names_field_value_and_the_stages_available(tmp_path):
+    message = config_error(tmp_path, SFT_THEN_RM.format(out=tmp_path, reference="{sfft}"))
+    assert "stages.rm.model.path = '{sfft}' refers to stage 'sfft', which does not exist" in message
+    assert "earlier stages: '{sft}'" in message
+
+
+def test_reference_to_a_later_stage_is_refused(tmp_path):
+    text = SFT_THEN_RM.format(out=tmp_path, reference="builtin:tiny-llama").replace(
+        'source: "builtin:movie-reviews"', 'source: "{rm}/prompts.jsonl"')
+    message = config_error(tmp_path, text)
+    assert "stages.sft.data.source = '{rm}/prompts.jsonl' refers to stage 'rm', which runs later" in message
+
+
+def test_unknown_stage_kind_is_refused_with_the_choices(tmp_path):
+    message = config_error(tmp_path, SFT_THEN_RM.format(out=tmp_path, reference="{sft}").replace("kind: reward_model", "kind: rlhf"))
+    assert "stages.rm.kind = 'rlhf' is not a stage kind; choose one of sft, reward_model, dpo, train" in message
+
+
+def test_field_errors_name_the_stage_and_unquoted_references_still_resolve(tmp_path):
+    text = SFT_THEN_RM.format(out=tmp_path, reference="{sft}").replace('"{sft}"', "{sft}")
+    config = load_pipeline_config(write_config(tmp_path, text))
+    assert config.stage("rm").model.path == "{sft}"
+    message = config_error(tmp_path, text, ["stages.rm.training.steps=0", "stages.sft.tyop=1"])
+    assert "stages.rm.training.steps = 0: Input should be greater than or equal to 1" in message
+    assert "stages.sft.tyop: unknown key" in message
+    assert "no such stage" not in config_error(tmp_path, text, ["stages.nope.training.steps=3"])
+    assert "one of the stages sft, rm" in config_error(tmp_path, text, ["stages.nope.training.steps=3"])
+
+
+def test_train_stage_is_validated_as_a_run_config_naming_the_stage(tmp_path):
+    text = """
+        output_dir: {out}
+        stages:
+          - name: grpo
+            kind: train
+            run:
+              model: {{path: "builtin:tiny-llama"}}
+              rollout: {{samples_per_prompt: 1}}
+    """.format(out=tmp_path)
+    message = config_error(tmp_path, text)
+    assert "stages.grpo.run: rollout.samples_per_prompt = 1: GRPO compares samples within a group" in message
+    assert "stages.grpo.run.output_dir is set by the pipeline" in config_error(
+        tmp_path, text.replace("rollout: {samples_per_prompt: 1}", "output_dir: elsewhere"))
+
+
+def test_dpo_without_lora_and_split_names_outside_fractions_are_refused(tmp_path):
+    text = SFT_THEN_RM.format(out=tmp_path, reference="{sft}").replace("kind: reward_model", "kind: dpo")
+    assert "stages.rm.model.lora is required for DPO" in config_error(tmp_path, text)
+    assert "stages.rm.data.train_split = 'policy' is not a split of data.fractions (train, eval)" in config_error(
+        tmp_path, SFT_THEN_RM.format(out=tmp_path, reference="{sft}"), ["stages.rm.data.train_split=policy"])
+
+
+# ----- built-in data -----
+
+
+def test_builtin_preferences_are_deterministic_and_separable_by_sentiment():
+    rows = movie_preferences(200)
+    assert rows[:50] == movie_preferences(50)
+    vocabulary = review_vocabulary()
+    positive, negative = set(vocabulary["positive"]), set(vocabulary["negative"])
+    for row in rows:
+        chosen, rejected = set(row.chosen.lower().strip(".").replace(".", "").split()), set(row.rejected.lower().replace(".", "").split())
+        assert chosen & positive and not chosen & negative
+        assert rejected & negative and not rejected & positive
+    labels = [row.label for row in movie_sentiment(400)]
+    assert 0.4 < sum(labels) / len(labels) < 0.6
+
+
+# ----- skipping and forcing -----
+
+
+def test_forcing_a_stage_reruns_it_and_every_stage_using_its_artefact():
+    config = load_pipeline_config(PIPELINES / "gpt2_hh_rlhf_tiny.yaml")
+    assert stages_to_rerun(config, ["rm"]) == {"rm", "ppo", "grpo"}
+    assert stages_to_rerun(config, ["sft"]) == {"sft", "rm", "ppo", "grpo", "dpo"}
+    assert stages_to_rerun(config, True) == {"sft", "rm", "ppo", "grpo", "dpo"}
+    assert stages_to_rerun(config, False) == set()
+    with pytest.raises(ConfigError, match="--force rn: no such stage; the stages are sft, rm, ppo, grpo, dpo"):
+        stages_to_rerun(config, ["rn"])
+
+
+def test_finished_stages_are_skipped_and_their_artefacts_passed_on(tmp_path):
+    config = load_pipeline_config(write_config(tmp_path, SFT_THEN_RM.format(out=tmp_path / "out", reference="{sft}")))
+    for name, metrics in (("sft", {"eval/loss": 1.5}), ("rm", {"val/accuracy": 0.75})):
+        (tmp_path / "out" / name).mkdir(parents=True)
+        results = {"artefact": str(tmp_path / "out" / name), "seconds": 2.0, **metrics}
+        (tmp_path / "out" / name / "results.json").write_text(json.dumps(results))
+
+    summary = run_pipeline(config)
+
+    assert [row["status"] for row in summary["stages"]] == ["skipped", "skipped"]
+    assert summary["stages"][1]["metrics"] == {"val/accuracy": 0.75}
+    assert json.loads((tmp_path / "out" / "pipeline.json").read_text())["stages"][0]["artefact"] == str(tmp_path / "out" / "sft")
+
+
+def test_a_stage_directory_not_written_by_a_pipeline_is_left_alone(tmp_path):
+    config = load_pipeline_config(write_config(tmp_path, SFT_THEN_RM.format(out=tmp_path / "out", reference="{sft}")))
+    (tmp_path / "out" / "sft").mkdir(parents=True)
+    (tmp_path / "out" / "sft" / "notes.txt").write_text("mine")
+    with pytest.raises(PipelineError, match="stage 'sft' \\(sft\\) failed: .*was not written by a pipeline stage"):
+        run_pipeline(config)
+    assert (tmp_path / "out" / "sft" / "notes.txt").read_text() == "mine"
+
+
+# ----- on Ray -----
+
+
+@pytest.mark.slow
+def test_failing_stage_raises_naming_the_stage_and_the_cause(ray_session, tmp_path):
+    text = SFT_THEN_RM.format(out=tmp_path / "out", reference="{sft}").replace(
+        'source: "builtin:movie-reviews"', f'source: "{tmp_path}/missing.jsonl"')
+    config = load_pipeline_config(write_config(tmp_path, text))
+    with pytest.raises(PipelineError, match=r"stage 'sft' \(sft\) failed: ValueError: data file .*missing.jsonl' does not exist"):
+        run_pipeline(config)
+    summary = json.loads((tmp_path / "out" / "pipeline.json").read_text())
+    assert [row["status"] for row in summary["stages"]] == ["failed", "pending"]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_gpt2_hh_rlhf_twin_runs_end_to_end_and_skips_finished_stages_on_rerun(ray_session, tmp_path):
+    from raylign.common.reward_models import load_reward_model
+
+    config = load_pipeline_config(PIPELINES / "gpt2_hh_rlhf_tiny.yaml", [f"output_dir={tmp_path}", "stages.sft.training.steps=80"])
+    summary = run_pipeline(config)
+
+    rows = {row["name"]: row for row in summary["stages"]}
+    assert [row["status"] for row in summary["stages"]] == ["done"] * 5
+    assert all(row["artefact"] and row["seconds"] > 0 for row in rows.values())
+    assert json.loads((tmp_path / "pipeline.json").read_text())["stages"] == summary["stages"]
+
+    sft = json.loads((tmp_path / "sft" / "results.json").read_text())
+    assert (tmp_path / "sft" / "model.safetensors").is_file()
+    assert len(read_jsonl(tmp_path / "sft" / "metrics.jsonl")) == 80
+    assert sft["eval/loss"] < sft["eval/loss_before"] - 2.0
+    assert sft["eval/perplexity"] == pytest.approx(2.718281828 ** sft["eval/loss"], rel=1e-6)
+
+    rm = json.loads((tmp_path / "rm" / "results.json").read_text())
+    assert rm["val/accuracy"] > 0.9 and rm["num_mistakes"] == len(read_jsonl(tmp_path / "rm" / "reward_model_mistakes.jsonl"))
+    reward_model = load_reward_model(rows["rm"]["artefact"], "scalar")
+    good, bad = reward_model.score_prompt_completions(["Honestly, the movie was"] * 2, ["wonderful and fun.", "awful and dull."])
+    assert good > bad
+    prompt_splits = {row["split"] for row in read_jsonl(tmp_path / "rm" / "prompts.jsonl")}
+    assert prompt_splits == {"rm", "policy", "val"}
+
+    for name in ("ppo", "grpo"):
+        metrics = read_jsonl(tmp_path / name / "metrics.jsonl")
+        assert [m["step"] for m in metrics] == [0, 1]
+        assert (Path(rows[name]["artefact"]) / "adapter" / "adapter_model.safetensors").is_file()
+        assert json.loads((tmp_path / name / "results.json").read_text())["steps"] == 2
+        run = yaml.safe_load((tmp_path / name / "config.yaml").read_text())
+        assert run["output_dir"] == str(tmp_path / name)
+        assert run["model"]["path"] == rows["sft"]["artefact"]
+        assert run["reward"]["sources"][0]["path"] == rows["rm"]["artefact"]
+        assert run["data"]["prompts"] == f"{rows['rm']['artefact']}/prompts.jsonl"
+
+    dpo = json.loads((tmp_path / "dpo" / "results.json").read_text())
+    assert (tmp_path / "dpo" / "adapter_model.safetensors").is_file()
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(read_jsonl(tmp_path / "dpo" / "metrics.jsonl")[0])
+    assert dpo["rewards/margins"] > 0 and dpo["eval/rewards/margins"] > 0 and dpo["eval/rewards/accuracies"] > 0.9
+
+    again = run_pipeline(config)
+    assert [row["status"] for row in again["stages"]] == ["skipped"] * 5
+    assert [row["artefact"] for row in again["stages"]] == [row["artefact"] for row in summary["stages"]]
