@@ -1,6 +1,7 @@
 """Pipelines: config validation and references, stage skipping and forcing, and one tiny twin end to end on Ray."""
 
 import json
+import math
 import textwrap
 from pathlib import Path
 
@@ -247,3 +248,17 @@ def test_gpt2_hh_rlhf_twin_runs_end_to_end_and_skips_finished_stages_on_rerun(ra
     again = run_pipeline(config)
     assert [row["status"] for row in again["stages"]] == ["skipped"] * 5
     assert [row["artefact"] for row in again["stages"]] == [row["artefact"] for row in summary["stages"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("twin", [p.stem for p in TWINS if p.stem != "gpt2_hh_rlhf_tiny"])
+def test_every_other_tiny_twin_runs_end_to_end(twin, ray_session, tmp_path):
+    config = load_pipeline_config(PIPELINES / f"{twin}.yaml", [f"output_dir={tmp_path}"])
+    summary = run_pipeline(config)
+    assert [row["status"] for row in summary["stages"]] == ["done"] * len(config.stages)
+    for stage in config.stages:
+        results = json.loads((tmp_path / stage.name / "results.json").read_text())
+        if stage.kind == "train":
+            metrics = read_jsonl(tmp_path / stage.name / "metrics.jsonl")
+            assert len(metrics) == results["steps"] > 0
+            assert all(math.isfinite(m["loss"]) for m in metrics)
