@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import ray
@@ -32,13 +33,14 @@ class RolloutPool:
         )
 
     def generate(self, prompts: list[PromptItem], settings: SamplingSettings | None = None) -> list[Sample]:
-        """Work items of `dispatch_chunk` prompts go to whichever actor is free; results return in prompt order.
+        """Work items of `rollout.dispatch_chunk` prompts go to whichever actor is free; results return in prompt order.
 
         Each prompt carries its own seed, so the samples do not depend on which
         actor, or how many actors, produced them.
         """
         settings = settings or self.settings
-        items = [prompts[i:i + self.chunk] for i in range(0, len(prompts), self.chunk)]
+        chunk = self.chunk or max(1, math.ceil(len(prompts) / (2 * len(self.workers) if len(self.workers) > 1 else 1)))
+        items = [prompts[i:i + chunk] for i in range(0, len(prompts), chunk)]
         results: list[list[Sample] | None] = [None] * len(items)
         pending: dict[ray.ObjectRef, tuple[int, object]] = {}
         next_item = 0

@@ -96,8 +96,12 @@ class RolloutConfig(Section):
         ),
     )
     keep_versions: int = Field(1, ge=1, description="Adapter versions each vLLM actor keeps loaded (more for in-flight staleness).")
-    dispatch_chunk: int = Field(
-        2, ge=1, description="Prompts per work item; idle rollout actors pull the next item, so a slow actor holds back little."
+    dispatch_chunk: int | None = Field(
+        None, ge=1,
+        description=(
+            "Prompts per work item; idle rollout actors pull the next item, so a slow actor holds back little. "
+            "None: two items per worker (one item in all with a single worker, which saves engine calls)."
+        ),
     )
     vllm_kv_cache_gib: int = Field(1, ge=1, description="vLLM CPU KV-cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE).")
     vllm_gpu_memory_utilization: float = Field(0.4, gt=0, le=1.0, description="Share of GPU memory vLLM may take (GPU only).")
@@ -315,6 +319,10 @@ class AlgorithmConfig(Section):
     importance_sampling_cap: float | None = Field(
         None, gt=0,
         description="Truncated importance sampling: weight each token by min(pi_learner / pi_behaviour, cap) to correct off-policy samples (None = off).",
+    )
+    critic: Literal["value_head", "separate_adapter"] = Field(
+        "value_head",
+        description="PPO: a value head on the policy's hidden state (shared LoRA), or a separate critic LoRA adapter on the same base.",
     )
     gamma: float = Field(1.0, ge=0, le=1, description="PPO: discount factor in GAE.")
     lam: float = Field(0.95, ge=0, le=1, description="PPO: GAE lambda.")

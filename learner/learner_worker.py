@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from raylign.learner.batching import TokenBatch, build_token_batch, score_tokens
 from raylign.learner.objectives import policy_objective, sequence_advantages
 from raylign.learner.sft import sft_train
 
+CRITIC_ADAPTER = "critic"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -77,12 +79,18 @@ class LearnerWorker:
         # RL runs without dropout: old, reference and current logprobs (the probability ratio, the
         # sync guard) must all come from the same deterministic function. lora.dropout applies to SFT/DPO.
         self.model.eval()
+        if self.algorithm.name == "ppo" and self.algorithm.critic == "separate_adapter":
+            # The critic gets its own LoRA adapter on the same frozen base (seed smollm2_orca); only
+            # the policy adapter ("default") is ever published to the rollout actors.
+            self.model.add_adapter(CRITIC_ADAPTER, config)
         hidden_size = self.model.get_input_embeddings().embedding_dim
-        # PPO's critic: a linear value head on the policy's last hidden state (zero init: V = 0 at the start).
+        # PPO's value head reads the last hidden state (zero init: V = 0 at the start).
         self.value_head = torch.nn.Linear(hidden_size, 1).to(self.device)
         torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
-        self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.trainable_parameters = [p for n, p in self.model.named_parameters() if "lora_" in n]
+        for parameter in self.trainable_parameters:
+            parameter.requires_grad_(True)
         if self.algorithm.name == "ppo":
             self.trainable_parameters += list(self.value_head.parameters())
         train = self.train_config
@@ -130,12 +138,33 @@ class LearnerWorker:
         return {"kl": float(kl.mean()), "kl_std": float(kl.std(unbiased=False)), "reference_perplexity": float(torch.exp(reference_nll))}
 
     def _score(self, batch: TokenBatch, *, with_entropy: bool = False, with_values: bool = False, temperature: float | None = None):
+        separate_critic = with_values and self.algorithm.critic == "separate_adapter"
         scores = score_tokens(
             self.model, batch, temperature=temperature or self.rollout.temperature, eos_token_id=self.tokenizer.eos_token_id,
-            min_new_tokens=self.rollout.min_new_tokens, with_entropy=with_entropy, with_hidden=with_values,
+            min_new_tokens=self.rollout.min_new_tokens, with_entropy=with_entropy, with_hidden=with_values and not separate_critic,
         )
-        values = self.value_head(scores.hidden.float()).squeeze(-1) if with_values else None
-        return scores, values
+        if not with_values:
+            return scores, None
+        hidden = scores.hidden
+        if separate_critic:
+            with self._active_adapter(CRITIC_ADAPTER):
+                output = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
+            hidden = output.hidden_states[-1][:, :-1]
+        return scores, self.value_head(hidden.float()).squeeze(-1)
+
+    @contextlib.contextmanager
+    def _active_adapter(self, name: str):
+        """Run the model with adapter `name`; every LoRA parameter keeps requires_grad, so one
+        backward reaches both the policy and the critic adapter (PEFT's set_adapter would freeze the other)."""
+        self.model.set_adapter(name)
+        for parameter in self.trainable_parameters:
+            parameter.requires_grad_(True)
+        try:
+            yield
+        finally:
+            self.model.set_adapter("default")
+            for parameter in self.trainable_parameters:
+                parameter.requires_grad_(True)
 
     def train_step(self, samples: list[Sample], rewards: list[float], group_sizes: list[int] | None = None) -> dict:
         """One update of the configured method on a batch of prompt groups (contiguous per prompt).
