@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import textwrap
 
-from raylign.common.config import ConfigError, describe_fields, load_config
+from raylign.common.config import ConfigError, describe_fields, fields_help, load_config
 
 
 def _config_help() -> str:
-    lines = ["config fields (set in YAML or override as section.field=value):", ""]
-    for name, default, description in describe_fields():
-        lines.append(f"  {name}  [default: {default}]")
-        lines.extend(textwrap.wrap(description, width=88, initial_indent="      ", subsequent_indent="      "))
-    return "\n".join(lines)
+    return fields_help("config fields (set in YAML or override as section.field=value):", describe_fields())
 
 
 def build_parser() -> argparse.ArgumentParser:

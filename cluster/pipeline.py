@@ -16,12 +16,11 @@ import math
 import os
 import shutil
 import sys
-import textwrap
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from raylign.common.config import ConfigError, RewardConfig, RolloutConfig, TrainConfig, config_to_yaml
+from raylign.common.config import ConfigError, RewardConfig, RolloutConfig, TrainConfig, config_to_yaml, fields_help
 from raylign.common.pipeline_config import (
     PipelineConfig,
     Stage,
@@ -215,11 +214,8 @@ def _log(message: str) -> None:
 
 
 def _fields_help() -> str:
-    lines = ["pipeline fields (set in YAML; override as key=value, a stage's as stages.<name>.field=value):", ""]
-    for name, default, description in describe_pipeline_fields():
-        lines.append(f"  {name}  [default: {default}]")
-        lines.extend(textwrap.wrap(description, width=88, initial_indent="      ", subsequent_indent="      "))
-    return "\n".join(lines)
+    return fields_help("pipeline fields (set in YAML; override as key=value, a stage's as stages.<name>.field=value):",
+                       describe_pipeline_fields())
 
 
 def build_parser() -> argparse.ArgumentParser:

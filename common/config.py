@@ -533,19 +533,34 @@ def format_validation_error(error: ValidationError) -> str:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
+def read_yaml_mapping(path: str | os.PathLike, what: str, example: str) -> dict:
+    """The YAML mapping in `path`, or a ConfigError saying what is wrong with the file."""
+    config_path = Path(path)
+    if not config_path.is_file():
+        raise ConfigError(f"{what} '{path}' does not exist; pass a YAML file such as {example}")
+    try:
+        data = yaml.safe_load(config_path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} '{path}' must hold a mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def fields_help(heading: str, rows: list[tuple[str, str, str]]) -> str:
+    """`--help` text listing each (field, default, description) row."""
+    import textwrap
+
+    lines = [heading, ""]
+    for name, default, description in rows:
+        lines.append(f"  {name}  [default: {default}]")
+        lines.extend(textwrap.wrap(description, width=88, initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(lines)
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config, apply overrides, validate. Raises ConfigError with a readable message."""
-    data: dict = {}
-    if path is not None:
-        config_path = Path(path)
-        if not config_path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist; pass a YAML file such as configs/quickstart.yaml")
-        try:
-            data = yaml.safe_load(config_path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(data).__name__}")
+    data = read_yaml_mapping(path, "config file", "configs/quickstart.yaml") if path is not None else {}
     data = apply_overrides(data, overrides or [])
     try:
         return RunConfig.model_validate(data)

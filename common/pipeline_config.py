@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from raylign.common.builtin_preferences import BUILTIN_DATASETS
@@ -42,6 +40,7 @@ from raylign.common.config import (
     check_model_path,
     describe_fields,
     format_validation_error,
+    read_yaml_mapping,
 )
 from raylign.common.preference_data import resolve_format
 
@@ -476,15 +475,7 @@ def format_pipeline_error(error: ValidationError, data: dict) -> str:
 
 def load_pipeline_config(path: str | os.PathLike, overrides: list[str] | None = None) -> PipelineConfig:
     """Read a pipeline YAML, apply overrides, validate. Raises ConfigError naming field, value and fix."""
-    config_path = Path(path)
-    if not config_path.is_file():
-        raise ConfigError(f"pipeline config '{path}' does not exist; pass a YAML file such as configs/pipelines/gpt2_hh_rlhf_tiny.yaml")
-    try:
-        data = yaml.safe_load(config_path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"pipeline config '{path}' is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"pipeline config '{path}' must hold a mapping (output_dir, seed, stages), got {type(data).__name__}")
+    data = read_yaml_mapping(path, "pipeline config", "configs/pipelines/gpt2_hh_rlhf_tiny.yaml")
     data = apply_pipeline_overrides(data, overrides or [])
     try:
         return PipelineConfig.model_validate(data)

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from raylign.common.data import load_text_column, write_builtin_reviews
 from raylign.common.tiny_model import build_tiny_model

@@ -70,7 +70,7 @@ def test_tiny_twins_are_offline_and_their_train_stages_are_run_configs(path, tmp
         if isinstance(stage, TrainStage):
             run = stage.run_config(str(tmp_path / stage.name), config.seed, config.cluster, artefacts)
             assert isinstance(run, RunConfig)
-            assert run.algorithm.name in ("grpo", "ppo", "reinforce", "rloo")
+            assert run.algorithm.name in ("grpo", "ppo", "reinforce", "rloo", "grade", "grade_ste")
             assert run.rollout.backend == "hf" and run.train.steps <= 3
             assert run.model.path.startswith(str(tmp_path))
         else:
