@@ -33,6 +33,7 @@ class Evaluator:
         )
         self.val_prompts: list[PromptItem] = []
         self.test_prompts: list[PromptItem] = []
+        self.categories: dict[str, str] = {}  # prompt text -> category, when data.category_field is set
         if eval_config.every or eval_config.run_test:
             self.val_prompts, self.test_prompts = self._load_prompts(model_path)
         self.best_reward: float | None = None
@@ -53,6 +54,10 @@ class Evaluator:
                 f"(e.g. {sorted(overlap)[0]!r}); give the data a 'split' column with disjoint splits, "
                 "or set eval.every=0 and eval.run_test=false"
             )
+        if data.category_field is not None:
+            for split, texts in ((eval_config.val_split, val), (eval_config.test_split, test)):
+                labels = load_text_column(data.prompts, data.category_field, split, data_dir=data_dir)[: len(texts)]
+                self.categories.update(zip(texts, labels))
         return self._items(model_path, val, offset=0), self._items(model_path, test, offset=len(val))
 
     def _items(self, model_path: str, texts: list[str], offset: int) -> list[PromptItem]:
@@ -117,7 +122,15 @@ class Evaluator:
             "self_bleu": self_bleu(texts),
             f"pass@{k}": pass_at_k(per_prompt, k, self.config.eval.pass_threshold),
             "prompts": len(prompts),
+            **self._per_category(valid),
         }, samples
+
+    def _per_category(self, valid: list[Sample]) -> dict[str, float]:
+        by_category: dict[str, list[float]] = {}
+        for sample in valid:
+            if sample.prompt in self.categories:
+                by_category.setdefault(self.categories[sample.prompt], []).append(sample.reward)
+        return {f"category/{name}/reward_mean": statistics.fmean(rewards) for name, rewards in sorted(by_category.items())}
 
     def _write_samples(self, name: str, step: int | None, samples: list[Sample]) -> None:
         with (self.output_dir / name).open("a") as f:

@@ -5,7 +5,9 @@ Reads finished run directories (``config.yaml``, ``metrics.jsonl``, optional
 
 - ``comparison.json``: per method the per-seed final reward, mean, SD, 95 %
   bootstrap and t intervals, steps to threshold, final KL and length,
-  gradient-norm statistics; Welch's t-test and Cohen's d for every pair;
+  gradient-norm statistics; Welch's t-test and Cohen's d for every pair; the
+  final reward of GRADE runs per temperature setting (``tau_ablation``) and
+  the reward per prompt category (``per_category``);
 - ``comparison.tex``: the same as a LaTeX (booktabs) table;
 - PNG plots, each skipped (and the report says why) when its inputs are absent;
 - ``report.md``: the tables and every plot.
@@ -18,6 +20,17 @@ reward from results.json (``test_reward``, ``test/reward_mean`` or
 ``reward_last_10pct`` uses). Validation rewards are read from
 ``val/reward_mean`` or ``val_reward`` in metrics.jsonl. All uncertainty is
 across seeds: one final score per run, never the spread of samples in a run.
+
+The **τ ablation** takes the runs whose ``algorithm.name`` is ``grade`` or
+``grade_ste``, one series per algorithm, and groups them by
+``(algorithm.tau_start, algorithm.tau_end, algorithm.anneal_steps)``, absent
+fields at the config defaults. Runs that differ only in τ need distinct
+``method`` names when they share a seed.
+
+The **per-category reward** of a run is ``test/category/<category>/reward_mean``
+from results.json when every run that has categories has them there, else
+``val/category/<category>/reward_mean`` in metrics.jsonl averaged over the last
+10 % of evaluations, so that no method is scored on a different split.
 """
 
 from __future__ import annotations
@@ -35,12 +48,16 @@ import numpy as np
 import yaml
 
 from raylign.common import statistics as stats
+from raylign.common.config import AlgorithmConfig
 
 DPI = 100
 PANEL_SIZE = (5.0, 4.0)  # inches per panel; a figure with k panels side by side is (5k × 4) in = (500k × 400) px
 
 VALIDATION_KEYS = ("val/reward_mean", "val_reward")
 TEST_KEYS = ("test_reward", "test/reward_mean")
+GRADE_ALGORITHMS = ("grade", "grade_ste")
+TAU_FIELDS = ("tau_start", "tau_end", "anneal_steps")
+CATEGORY_KEY = "{split}/category/{category}/reward_mean"  # as cluster/evaluation.py writes them
 
 
 def _last_tenth(n: int) -> int:
@@ -60,6 +77,7 @@ class Run:
     metrics: list[dict]
     results: dict
     samples_path: Path | None
+    config: dict = field(default_factory=dict)
 
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """Steps and values of ``key`` over the steps that logged a finite value for it."""
@@ -90,6 +108,30 @@ class Run:
     @property
     def validation_key(self) -> str | None:
         return next((key for key in VALIDATION_KEYS if self.has(key)), None)
+
+    @property
+    def algorithm(self) -> str | None:
+        return (self.config.get("algorithm") or {}).get("name")
+
+    @property
+    def tau_setting(self) -> tuple[float, float, int]:
+        """(tau_start, tau_end, anneal_steps), absent fields at AlgorithmConfig's defaults."""
+        algorithm = self.config.get("algorithm") or {}
+        start, end, steps = (algorithm.get(name, AlgorithmConfig.model_fields[name].default) for name in TAU_FIELDS)
+        return float(start), float(end), int(steps)
+
+    def categories(self, split: str) -> list[str]:
+        """Prompt categories with a reward in results.json (``test``) or in metrics.jsonl (``val``)."""
+        prefix, suffix = f"{split}/category/", "/reward_mean"
+        keys = self.results if split == "test" else {key for row in self.metrics for key in row}
+        return sorted(key[len(prefix):-len(suffix)] for key in keys if key.startswith(prefix) and key.endswith(suffix))
+
+    def category_reward(self, split: str, category: str) -> float | None:
+        key = CATEGORY_KEY.format(split=split, category=category)
+        if split == "test":
+            value = self.results.get(key)
+            return float(value) if isinstance(value, (int, float)) else None
+        return self.tail_mean(key)
 
 
 @dataclass
@@ -142,7 +184,8 @@ def load_run(path: Path) -> Run:
     results_path = path / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     samples_path = path / "samples.jsonl"
-    return Run(path, str(method), config["seed"], metrics, results, samples_path if samples_path.is_file() else None)
+    return Run(path, str(method), config["seed"], metrics, results, samples_path if samples_path.is_file() else None,
+               config)
 
 
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
@@ -219,6 +262,54 @@ def _finite_or_none(value):
     return value
 
 
+def tau_ablation(comparison: Comparison) -> list[dict]:
+    """Per GRADE algorithm and τ setting (ascending) the per-seed final rewards and their summary."""
+    cells: dict[tuple[str, tuple[float, float, int]], list[Run]] = {}
+    for runs in comparison.groups.values():
+        for run in runs:
+            if run.algorithm in GRADE_ALGORITHMS:
+                cells.setdefault((run.algorithm, run.tau_setting), []).append(run)
+    rows = []
+    for (algorithm, setting), runs in sorted(cells.items(), key=lambda cell: (GRADE_ALGORITHMS.index(cell[0][0]), cell[0][1])):
+        runs = sorted(runs, key=lambda r: (r.seed, r.method))
+        rows.append({
+            "algorithm": algorithm,
+            **dict(zip(TAU_FIELDS, setting)),
+            "seeds": [r.seed for r in runs],
+            "methods": sorted({r.method for r in runs}),
+            "final_reward": _summary([comparison.per_run[r.path]["final_reward"] for r in runs], comparison),
+        })
+    return rows
+
+
+def per_category(comparison: Comparison) -> dict | None:
+    """Per method and prompt category the per-seed reward and its summary; None when no run has categories."""
+    runs = [run for group in comparison.groups.values() for run in group]
+    with_categories = [run for run in runs if run.categories("test") or run.categories("val")]
+    if not with_categories:
+        return None
+    split = "test" if all(run.categories("test") for run in with_categories) else "val"
+    categories = sorted({category for run in with_categories for category in run.categories(split)})
+    methods = {}
+    for method, group in comparison.groups.items():
+        group = [run for run in group if run.categories(split)]
+        if group:
+            methods[method] = {
+                "seeds": [run.seed for run in group],
+                "categories": {c: _summary([run.category_reward(split, c) for run in group], comparison)
+                               for c in categories},
+            }
+    return {
+        "split": "test" if split == "test" else "validation",
+        "definition": (
+            "test/category/<category>/reward_mean from results.json" if split == "test"
+            else "val/category/<category>/reward_mean in metrics.jsonl, mean over the last 10% of evaluations"
+        ),
+        "categories": categories,
+        "methods": methods,
+    }
+
+
 def compare(comparison: Comparison) -> dict:
     for runs in comparison.groups.values():
         for run in runs:
@@ -247,6 +338,8 @@ def compare(comparison: Comparison) -> dict:
         "bootstrap": {"resamples": comparison.n_resamples, "seed": comparison.seed},
         "methods": methods,
         "pairwise": [_pairwise(a, b, comparison) for a, b in combinations(comparison.groups, 2)],
+        "tau_ablation": tau_ablation(comparison),
+        "per_category": per_category(comparison),
     }
 
 
@@ -423,6 +516,74 @@ def plot_final_reward(comparison: Comparison, path: Path) -> str | None:
     return None
 
 
+def _error_bar(summary: dict) -> list[list[float]] | None:
+    """The 95 % bootstrap CI across seeds as matplotlib's [[below], [above]] the mean; None for one seed."""
+    if not summary["ci95_bootstrap"]:
+        return None
+    low, high = summary["ci95_bootstrap"]
+    return [[summary["mean"] - low], [high - summary["mean"]]]
+
+
+def _tau_label(row: dict) -> str:
+    return f"τ {row['tau_start']:g}→{row['tau_end']:g}\nover {row['anneal_steps']} steps"
+
+
+def plot_tau_ablation(comparison: Comparison, path: Path) -> str | None:
+    rows = [row for row in tau_ablation(comparison) if row["final_reward"]["mean"] is not None]
+    settings = sorted({tuple(row[name] for name in TAU_FIELDS) for row in rows})
+    if len(settings) < 2:
+        return (f"needs GRADE runs (algorithm.name {' or '.join(GRADE_ALGORITHMS)}) with a final reward at 2 or more "
+                f"τ settings ({', '.join(f'algorithm.{name}' for name in TAU_FIELDS)}); found {len(settings)}")
+    fig, (ax,) = _figure(1)
+    algorithms = [a for a in GRADE_ALGORITHMS if any(row["algorithm"] == a for row in rows)]
+    colours = _colours(comparison)
+    for i, algorithm in enumerate(algorithms):
+        colour = colours.get(algorithm, f"C{(len(colours) + i) % 10}")
+        offset = 0.2 * (i - (len(algorithms) - 1) / 2)
+        for n, row in enumerate(r for r in rows if r["algorithm"] == algorithm):
+            x = settings.index(tuple(row[name] for name in TAU_FIELDS)) + offset
+            summary = row["final_reward"]
+            values = [v for v in summary["per_seed"] if v is not None]
+            ax.scatter([x] * len(values), values, color=colour, alpha=0.5, s=14, zorder=3)
+            ax.errorbar(x, summary["mean"], yerr=_error_bar(summary), color=colour, fmt="D", markersize=6,
+                        markeredgecolor="black", capsize=5, label=algorithm if n == 0 else None)
+    labels = [_tau_label(dict(zip(TAU_FIELDS, setting))) for setting in settings]
+    ax.set_xticks(range(len(settings)), labels, fontsize="small")
+    ax.set(title="GRADE: final reward per temperature schedule", ylabel="final reward")
+    ax.legend(fontsize="small")
+    fig.savefig(path)
+    return None
+
+
+def plot_per_category(comparison: Comparison, path: Path) -> str | None:
+    numbers = per_category(comparison)
+    if numbers is None:
+        return ("no run has a reward per prompt category (test/category/<category>/reward_mean in results.json or "
+                "val/category/<category>/reward_mean in metrics.jsonl; set data.category_field)")
+    fig, (ax,) = _figure(1)
+    colours = _colours(comparison)
+    methods, categories = numbers["methods"], numbers["categories"]
+    width = 0.8 / len(methods)
+    for i, (method, m) in enumerate(methods.items()):
+        offset = width * (i - (len(methods) - 1) / 2)
+        for j, category in enumerate(categories):
+            summary = m["categories"][category]
+            if summary["mean"] is None:
+                continue
+            x = j + offset
+            ax.bar(x, summary["mean"], width=width, color=colours[method], alpha=0.6, label=method if j == 0 else None)
+            if (error := _error_bar(summary)) is not None:
+                ax.errorbar(x, summary["mean"], yerr=error, color="black", capsize=4)
+            values = [v for v in summary["per_seed"] if v is not None]
+            ax.scatter([x] * len(values), values, color="black", s=10, zorder=3)
+    ax.set_xticks(range(len(categories)), categories)
+    ax.axhline(0.0, color="grey", linewidth=0.5)
+    ax.set(title=f"Reward per prompt category ({numbers['split']})", ylabel="reward")
+    ax.legend(fontsize="small")
+    fig.savefig(path)
+    return None
+
+
 def _pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
     """Methods no other method beats on both lower KL and higher reward, ordered by KL."""
     front = [m for m, (kl, reward) in points.items()
@@ -509,6 +670,9 @@ PLOTS: list[tuple[str, str, Callable[[Comparison, Path], str | None]]] = [
     ("final_reward.png", f"Final reward ({_BARS})", plot_final_reward),
     ("reward_vs_kl.png", "Reward vs KL: seeds (dots), method means (diamonds), Pareto front", plot_reward_vs_kl),
     ("length_vs_reward.png", "Verbosity bias: response length vs reward (r: Pearson correlation)", plot_length_vs_reward),
+    ("tau_ablation.png", "GRADE τ ablation: final reward per temperature schedule (diamond: mean over seeds; "
+     "error bar: 95% bootstrap CI over seeds; dots: seeds)", plot_tau_ablation),
+    ("per_category.png", f"Reward per prompt category ({_BARS})", plot_per_category),
 ]
 
 

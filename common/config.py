@@ -63,6 +63,9 @@ class DataConfig(Section):
     prompt_field: str = Field("prompt", description="Column holding the prompt text.")
     split: str = Field("train", description="Dataset split to read prompts from.")
     max_prompts: int | None = Field(None, ge=1, description="Use only the first N prompts of the split.")
+    category_field: str | None = Field(
+        None, description="Column naming each prompt's category (e.g. seed smollm2_orca's three); evaluation then reports reward per category."
+    )
     chat_template: bool | None = Field(
         None,
         description=(

@@ -61,3 +61,24 @@ def test_seeds_list_runs_each_seed_and_the_report_compares_them(warm_model_dir, 
     comparison = write_report(runs, tmp_path / "report")
     assert (tmp_path / "report" / "report.md").is_file() and (tmp_path / "report" / "comparison.tex").is_file()
     assert set(comparison["methods"]) == {"grpo", "rloo"}
+
+
+@pytest.mark.slow
+def test_evaluation_reports_reward_per_prompt_category(warm_model_dir, ray_session, tmp_path):
+    rows = []
+    for i in range(24):
+        split = "train" if i < 16 else ("val" if i < 20 else "test")
+        category = "praise" if i % 2 else "critique"
+        rows.append({"prompt": f"Review {i}: honestly, the movie was", "split": split, "category": category})
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = load_config("configs/quickstart.yaml", [
+        f"output_dir={tmp_path / 'run'}", f"model.path={warm_model_dir}", "sft.steps=0", "rollout.backend=hf",
+        f"data.prompts={prompts}", "data.category_field=category", "train.steps=2", "logging.progress=false",
+        "eval.run_test=true", "eval.samples_per_prompt=2",
+    ])
+    results = train(config)
+    test = [json.loads(line) for line in (tmp_path / "run" / "test_samples.jsonl").read_text().splitlines()]
+    for category, parity in (("praise", 1), ("critique", 0)):
+        rewards = [s["reward"] for s in test if int(s["prompt"].split()[1][:-1]) % 2 == parity]
+        assert results[f"test/category/{category}/reward_mean"] == pytest.approx(sum(rewards) / len(rewards))
