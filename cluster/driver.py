@@ -109,13 +109,14 @@ def run_training(config: RunConfig, output_dir: Path, actors: list) -> dict:
             rollouts.publish(policy)
             timer.lap("publish")
 
+            learner_seconds = learner_metrics.pop("learn_seconds")
             metrics = {
                 "step": step,
                 "reward_mean": statistics.fmean(s.reward for s in valid),
                 "reward_std": statistics.pstdev(s.reward for s in valid),
                 **scored.metrics(),
                 **learner_metrics,
-                "time/learner_compute_s": learner_metrics.pop("learn_seconds"),
+                "time/learner_compute_s": learner_seconds,
             }
             if evaluator.validation_due(step):
                 metrics.update(evaluator.validate(step, policy))

@@ -270,7 +270,9 @@ def tau_ablation(comparison: Comparison) -> list[dict]:
             if run.algorithm in GRADE_ALGORITHMS:
                 cells.setdefault((run.algorithm, run.tau_setting), []).append(run)
     rows = []
-    for (algorithm, setting), runs in sorted(cells.items(), key=lambda cell: (GRADE_ALGORITHMS.index(cell[0][0]), cell[0][1])):
+    order = sorted(cells, key=lambda cell: (GRADE_ALGORITHMS.index(cell[0]), cell[1]))
+    for algorithm, setting in order:
+        runs = cells[algorithm, setting]
         runs = sorted(runs, key=lambda r: (r.seed, r.method))
         rows.append({
             "algorithm": algorithm,
@@ -385,6 +387,14 @@ def _plot_band(ax, steps, curves, colour, label) -> None:
         ax.fill_between(steps, mean - sd, mean + sd, color=colour, alpha=0.2, linewidth=0)
 
 
+def _error_bar(summary: dict) -> list[list[float]] | None:
+    """The 95 % bootstrap CI across seeds as matplotlib's [[below], [above]] the mean; None for one seed."""
+    if not summary["ci95_bootstrap"]:
+        return None
+    low, high = summary["ci95_bootstrap"]
+    return [[summary["mean"] - low], [high - summary["mean"]]]
+
+
 def _bars(ax, comparison: Comparison, key: str, colours: dict[str, str]) -> None:
     """Mean per method with the 95 % bootstrap CI across seeds as error bar and each seed as a dot."""
     per_method = {m: [comparison.per_run[r.path][key] for r in runs] for m, runs in comparison.groups.items()}
@@ -394,9 +404,7 @@ def _bars(ax, comparison: Comparison, key: str, colours: dict[str, str]) -> None
         values = per_method[method]
         summary = _summary(values, comparison)
         ax.bar(i, summary["mean"], color=colours[method], alpha=0.6, width=0.6)
-        if summary["ci95_bootstrap"]:
-            low, high = summary["ci95_bootstrap"]
-            error = [[summary["mean"] - low], [high - summary["mean"]]]
+        if (error := _error_bar(summary)) is not None:
             ax.errorbar(i, summary["mean"], yerr=error, color="black", capsize=6)
         offsets = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else [0.0]
         ax.scatter(i + np.asarray(offsets), values, color="black", s=14, zorder=3)
@@ -516,14 +524,6 @@ def plot_final_reward(comparison: Comparison, path: Path) -> str | None:
     return None
 
 
-def _error_bar(summary: dict) -> list[list[float]] | None:
-    """The 95 % bootstrap CI across seeds as matplotlib's [[below], [above]] the mean; None for one seed."""
-    if not summary["ci95_bootstrap"]:
-        return None
-    low, high = summary["ci95_bootstrap"]
-    return [[summary["mean"] - low], [high - summary["mean"]]]
-
-
 def _tau_label(row: dict) -> str:
     return f"τ {row['tau_start']:g}→{row['tau_end']:g}\nover {row['anneal_steps']} steps"
 
@@ -563,7 +563,7 @@ def plot_per_category(comparison: Comparison, path: Path) -> str | None:
     fig, (ax,) = _figure(1)
     colours = _colours(comparison)
     methods, categories = numbers["methods"], numbers["categories"]
-    width = 0.8 / len(methods)
+    width, labelled = 0.8 / len(methods), set()
     for i, (method, m) in enumerate(methods.items()):
         offset = width * (i - (len(methods) - 1) / 2)
         for j, category in enumerate(categories):
@@ -571,7 +571,9 @@ def plot_per_category(comparison: Comparison, path: Path) -> str | None:
             if summary["mean"] is None:
                 continue
             x = j + offset
-            ax.bar(x, summary["mean"], width=width, color=colours[method], alpha=0.6, label=method if j == 0 else None)
+            ax.bar(x, summary["mean"], width=width, color=colours[method], alpha=0.6,
+                   label=None if method in labelled else method)
+            labelled.add(method)
             if (error := _error_bar(summary)) is not None:
                 ax.errorbar(x, summary["mean"], yerr=error, color="black", capsize=4)
             values = [v for v in summary["per_seed"] if v is not None]
