@@ -272,8 +272,7 @@ def tau_ablation(comparison: Comparison) -> list[dict]:
     rows = []
     order = sorted(cells, key=lambda cell: (GRADE_ALGORITHMS.index(cell[0]), cell[1]))
     for algorithm, setting in order:
-        runs = cells[algorithm, setting]
-        runs = sorted(runs, key=lambda r: (r.seed, r.method))
+        runs = sorted(cells[algorithm, setting], key=lambda r: (r.seed, r.method))
         rows.append({
             "algorithm": algorithm,
             **dict(zip(TAU_FIELDS, setting)),
@@ -549,6 +548,7 @@ def plot_tau_ablation(comparison: Comparison, path: Path) -> str | None:
                         markeredgecolor="black", capsize=5, label=algorithm if n == 0 else None)
     labels = [_tau_label(dict(zip(TAU_FIELDS, setting))) for setting in settings]
     ax.set_xticks(range(len(settings)), labels, fontsize="small")
+    ax.set_xlim(-0.5, len(settings) - 0.5)
     ax.set(title="GRADE: final reward per temperature schedule", ylabel="final reward")
     ax.legend(fontsize="small")
     fig.savefig(path)

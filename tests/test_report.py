@@ -20,6 +20,8 @@ RUNS = {
     "grpo_k4": {1: (0.7, 4), 2: (0.9, 4), 3: (1.0, 6)},
 }
 STEPS_TO_80 = {"ppo": [4, 6, 9], "grpo_k4": [4, 4, 6]}
+# Per prompt category the reward is the run's reward plus an offset, on the test split and in validation alike.
+CATEGORIES = {"chat": 0.1, "code": -0.1, "math": 0.0}
 
 
 def write_run(path: Path, method: str, seed: int, final: float, ramp: int, *, test=True, validation=True,
@@ -38,11 +40,15 @@ def write_run(path: Path, method: str, seed: int, final: float, ramp: int, *, te
             row["kl"] = 0.01 * seed * i
         if validation and i % 5 == 4:
             row["val/reward_mean"] = final - 0.02
+            # only the last evaluation (step 19, the last 10 % of 4) reaches final - 0.02 + offset
+            row |= {f"val/category/{c}/reward_mean": final - 0.02 + off + 0.01 * (i - 19)
+                    for c, off in CATEGORIES.items()}
         rows.append(row)
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     results = {"steps": STEPS, "reward_last_10pct": final}
     if test:
         results["test_reward"] = final - 0.05
+        results |= {f"test/category/{c}/reward_mean": final - 0.05 + off for c, off in CATEGORIES.items()}
     (path / "results.json").write_text(json.dumps(results))
     if samples:
         lines = [{"step": i, "prompt": "p", "completion": "c" * n, "reward": final * n / 20, "policy_version": i,
@@ -62,6 +68,16 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+def assert_real_png(path: Path, size: tuple[int, int]) -> None:
+    from PIL import Image
+
+    assert png_size(path) == size, path.name
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 50, f"{path.name} looks blank"
+
+
 @pytest.fixture(scope="module")
 def full_report(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
@@ -78,21 +94,16 @@ EXPECTED_PNGS = {  # 100 dpi, 5 × 4 in per panel
     "final_reward.png": (500, 400),
     "reward_vs_kl.png": (500, 400),
     "length_vs_reward.png": (500, 400),
+    "per_category.png": (500, 400),
 }
 
 
 def test_report_writes_every_file_and_each_png_is_a_real_image_of_the_expected_size(full_report):
     result, out = full_report
     assert {p.name for p in out.iterdir()} == {"comparison.json", "comparison.tex", "report.md", *EXPECTED_PNGS}
-    assert result["skipped_plots"] == {}
-    from PIL import Image
-
+    assert list(result["skipped_plots"]) == ["tau_ablation.png"]  # no GRADE run here; see the GRADE tests below
     for name, size in EXPECTED_PNGS.items():
-        assert png_size(out / name) == size, name
-        with Image.open(out / name) as image:
-            image.verify()
-        with Image.open(out / name) as image:
-            assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 50, f"{name} looks blank"
+        assert_real_png(out / name, size)
 
 
 def test_comparison_json_matches_hand_computation(full_report):
@@ -133,6 +144,105 @@ def test_comparison_json_matches_hand_computation(full_report):
     assert pair["p_value"] == pytest.approx(expected.pvalue, rel=1e-9)
 
 
+def test_per_category_reward_is_the_test_reward_per_category_across_seeds(full_report):
+    result, _ = full_report
+    numbers = result["per_category"]
+    assert (numbers["split"], numbers["categories"]) == ("test", ["chat", "code", "math"])
+    assert list(numbers["methods"]) == ["ppo", "grpo_k4"]
+    for method, seeds in RUNS.items():
+        m = numbers["methods"][method]
+        assert m["seeds"] == [1, 2, 3]
+        for category, offset in CATEGORIES.items():
+            expected = [final - 0.05 + offset for final, _ in seeds.values()]
+            summary = m["categories"][category]
+            assert summary["per_seed"] == pytest.approx(expected, abs=1e-12)
+            assert summary["mean"] == pytest.approx(np.mean(expected), abs=1e-12)
+            assert summary["std"] == pytest.approx(np.std(expected, ddof=1), abs=1e-12)
+            assert summary["ci95_bootstrap"] == pytest.approx([min(expected), max(expected)], abs=1e-12)
+
+
+def test_per_category_falls_back_to_validation_for_every_run_when_one_lacks_test_categories(tmp_path):
+    runs = write_runs(tmp_path / "runs", samples=False)
+    results = json.loads((runs[0] / "results.json").read_text())
+    (runs[0] / "results.json").write_text(json.dumps({k: v for k, v in results.items() if "/category/" not in k}))
+    groups = report.group_runs([report.load_run(p) for p in runs])
+    numbers = report.per_category(report.Comparison(groups, True, 0.8, 200, 0))
+    assert numbers["split"] == "validation"
+    for method, seeds in RUNS.items():
+        for category, offset in CATEGORIES.items():
+            expected = [final - 0.02 + offset for final, _ in seeds.values()]
+            assert numbers["methods"][method]["categories"][category]["per_seed"] == pytest.approx(expected, abs=1e-12)
+
+
+# GRADE runs for the τ ablation: (method, algorithm.name, τ fields written to config.yaml, seed, test reward).
+# grade_ste-explicit spells out the defaults (2, 0.5, 1000) and so shares a setting with grade_ste, which omits them.
+# The ppo run sets tau_start but is no GRADE run, so it stays out of the ablation.
+TAU_1 = {"tau_start": 1.0, "tau_end": 0.1, "anneal_steps": 500}
+GRADE_RUNS = [
+    ("grade", "grade", {}, 1, 0.4),
+    ("grade", "grade", {}, 2, 0.5),
+    ("grade-tau1", "grade", TAU_1, 1, 0.6),
+    ("grade-tau1", "grade", TAU_1, 2, 0.8),
+    ("grade_ste", "grade_ste", {}, 1, 0.3),
+    ("grade_ste-explicit", "grade_ste", {"tau_start": 2, "tau_end": 0.5, "anneal_steps": 1000}, 2, 0.35),
+    ("grade_ste-tau1", "grade_ste", TAU_1, 1, 0.7),
+    ("ppo", "ppo", {"tau_start": 3.0}, 1, 0.9),
+]
+
+
+def write_grade_runs(root: Path, runs=GRADE_RUNS) -> list[Path]:
+    paths = []
+    for method, algorithm, tau, seed, test_reward in runs:
+        path = root / f"{method}-s{seed}"
+        path.mkdir(parents=True)
+        config = {"seed": seed, "method": method, "algorithm": {"name": algorithm, **tau}}
+        (path / "config.yaml").write_text(yaml.safe_dump(config))
+        rows = [{"step": i, "reward_mean": test_reward * i / 9, "loss": 1.0 - 0.1 * i} for i in range(10)]
+        (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (path / "results.json").write_text(json.dumps({"steps": 10, "test_reward": test_reward}))
+        paths.append(path)
+    return paths
+
+
+def test_tau_ablation_groups_grade_runs_by_temperature_schedule_and_plots_them(tmp_path):
+    result = report.write_report(write_grade_runs(tmp_path / "runs"), tmp_path / "out", n_resamples=200)
+    default = {"tau_start": 2.0, "tau_end": 0.5, "anneal_steps": 1000}
+    expected = [  # (algorithm, setting, seeds, methods, per-seed final reward), settings ascending per algorithm
+        ("grade", TAU_1, [1, 2], ["grade-tau1"], [0.6, 0.8]),
+        ("grade", default, [1, 2], ["grade"], [0.4, 0.5]),
+        ("grade_ste", TAU_1, [1], ["grade_ste-tau1"], [0.7]),
+        ("grade_ste", default, [1, 2], ["grade_ste", "grade_ste-explicit"], [0.3, 0.35]),
+    ]
+    rows = result["tau_ablation"]
+    assert len(rows) == len(expected)
+    for row, (algorithm, setting, seeds, methods, finals) in zip(rows, expected):
+        assert {k: row[k] for k in ("algorithm", *setting, "seeds", "methods")} == {
+            "algorithm": algorithm, **setting, "seeds": seeds, "methods": methods}
+        summary = row["final_reward"]
+        assert summary["per_seed"] == pytest.approx(finals, abs=1e-12)
+        assert summary["mean"] == pytest.approx(np.mean(finals), abs=1e-12)
+        if len(finals) == 1:
+            assert (summary["std"], summary["ci95_bootstrap"]) == (None, None)
+        else:  # two seeds: SD = |a - b| / sqrt 2; the bootstrap means are a, (a + b) / 2 and b
+            assert summary["std"] == pytest.approx(abs(finals[0] - finals[1]) / math.sqrt(2), abs=1e-12)
+            assert summary["ci95_bootstrap"] == pytest.approx(finals, abs=1e-12)
+    assert "tau_ablation.png" not in result["skipped_plots"]
+    assert_real_png(tmp_path / "out" / "tau_ablation.png", (500, 400))
+    assert "](tau_ablation.png)" in (tmp_path / "out" / "report.md").read_text()
+    assert "no run has a reward per prompt category" in result["skipped_plots"]["per_category.png"]
+
+
+def test_tau_ablation_is_skipped_with_a_single_temperature_schedule(tmp_path):
+    single = [run for run in GRADE_RUNS if run[2] is not TAU_1]
+    groups = report.group_runs([report.load_run(p) for p in write_grade_runs(tmp_path / "runs", single)])
+    comparison = report.Comparison(groups, True, 0.8, 200, 0)
+    rows = report.compare(comparison)["tau_ablation"]
+    assert [(row["algorithm"], row["tau_start"], row["seeds"]) for row in rows] == [("grade", 2.0, [1, 2]),
+                                                                                  ("grade_ste", 2.0, [1, 2])]
+    reason = report.plot_tau_ablation(comparison, tmp_path / "tau_ablation.png")
+    assert reason.endswith("found 1") and not (tmp_path / "tau_ablation.png").exists()
+
+
 def test_latex_table_escapes_names_and_bolds_the_best_method(full_report):
     _, out = full_report
     tex = (out / "comparison.tex").read_text()
@@ -155,7 +265,9 @@ def test_absent_inputs_skip_their_plots_and_the_report_says_why(tmp_path):
     runs = write_runs(tmp_path / "runs", test=False, validation=False, samples=False, kl=False)
     result = report.write_report(runs, tmp_path / "out")
     skipped = result["skipped_plots"]
-    assert set(skipped) == {"validation_curves.png", "val_test_gap.png", "reward_vs_kl.png"}
+    assert set(skipped) == {"validation_curves.png", "val_test_gap.png", "reward_vs_kl.png", "tau_ablation.png",
+                            "per_category.png"}
+    assert result["per_category"] is None and result["tau_ablation"] == []
     for name, reason in skipped.items():
         assert not (tmp_path / "out" / name).exists()
         assert f"- `{name}`: {reason}" in (tmp_path / "out" / "report.md").read_text()
