@@ -77,6 +77,8 @@ class Evaluator:
         self._write_samples("val_samples.jsonl", step, samples)
         if self.best_reward is None or metrics["reward_mean"] > self.best_reward:
             self.best_reward, self.best_step, self.best_policy = metrics["reward_mean"], step, policy
+            best_dir = self.output_dir / "checkpoints" / "best"
+            ray.get(self.learner.save_checkpoint.remote(str(best_dir), {"step": step, "val_reward_mean": self.best_reward}))
         return {f"val/{key}": value for key, value in metrics.items()} | {"best_val_reward": self.best_reward}
 
     def test(self, last_policy) -> dict:

@@ -35,13 +35,16 @@ def judge_main(argv: list[str]) -> int:
     parser.add_argument("--model", required=True, help="judge model name at that endpoint")
     parser.add_argument("--mode", choices=["chat", "completions"], default="chat", help="chat or plain completions API")
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    parser.add_argument("--template-file", type=Path, default=None,
+                        help="judge prompt template with {prompt}, {answer_a}, {answer_b} (default: JudgeConfig's)")
     parser.add_argument("--max-pairs", type=int, default=None, help="judge only the first N shared prompts")
     parser.add_argument("--out", type=Path, default=Path("judge.json"), help="JSON file to write")
     args = parser.parse_args(argv)
     prompts, candidate, baseline = paired_answers(args.candidate, args.baseline)
     if args.max_pairs:
         prompts, candidate, baseline = prompts[: args.max_pairs], candidate[: args.max_pairs], baseline[: args.max_pairs]
-    config = JudgeConfig(base_url=args.base_url, model=args.model, mode=args.mode, api_key_env=args.api_key_env)
+    template = {"prompt_template": args.template_file.read_text()} if args.template_file else {}
+    config = JudgeConfig(base_url=args.base_url, model=args.model, mode=args.mode, api_key_env=args.api_key_env, **template)
     result = judge_win_rate(prompts, candidate, baseline, config)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"win rate {result['win_rate']} (95% CI {result['ci_low']:.3f}-{result['ci_high']:.3f}) over {result['pairs']} pairs; "

@@ -22,6 +22,9 @@ def test_validation_tracks_the_best_adapter_and_test_runs_once(warm_model_dir, r
     best = max(validated, key=lambda m: m["val/reward_mean"])
     assert results["best_val_reward"] == best["val/reward_mean"]
     assert results["test/adapter"] == f"best (step {best['step']})"
+    best_state = json.loads((tmp_path / "checkpoints" / "best" / "driver_state.json").read_text())
+    assert best_state == {"step": best["step"], "val_reward_mean": best["val/reward_mean"]}
+    assert (tmp_path / "checkpoints" / "best" / "adapter" / "adapter_model.safetensors").is_file()
     for key in ["reward_mean", "kl", "distinct_1", "self_bleu", "pass@2", "reference_perplexity"]:
         assert f"test/{key}" in results
     assert results["test/kl"] >= 0.0

@@ -190,8 +190,10 @@ def test_judge_command_pairs_two_runs_by_prompt_and_writes_json(vllm_server, tmp
         rows.append({"prompt": f"only in {name}", "completion": "x"})
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "judge.json"
+    (tmp_path / "template.txt").write_text(SHORT_TEMPLATE)
     assert judge_main([str(tmp_path / "candidate.jsonl"), str(tmp_path / "baseline.jsonl"), "--base-url", base_url,
-                       "--model", model, "--mode", "completions", "--out", str(out)]) == 0
+                       "--model", model, "--mode", "completions", "--template-file", str(tmp_path / "template.txt"),
+                       "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["pairs"] == len(PROMPTS)  # the prompt only one run has is not judged
     assert sum(result["judgments"].values()) == 2 * len(PROMPTS)
