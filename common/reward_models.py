@@ -24,6 +24,8 @@ head weights in `reward_head.safetensors`. `load_reward_model` reads any of them
 
 from __future__ import annotations
 
+import abc
+
 import json
 from pathlib import Path
 from typing import ClassVar
@@ -83,7 +85,7 @@ def _check_kind(directory: Path, expected: str) -> dict:
     return meta
 
 
-class RewardModel(nn.Module):
+class RewardModel(nn.Module, metaclass=abc.ABCMeta):
     """One scalar per sequence. Subclasses implement `reward`; `score_texts` and `score_prompt_completions`
     tokenise and batch. `forward` is what training optimises: the reward itself (scalar, seqcls) or
     class logits (classifier)."""
@@ -95,8 +97,9 @@ class RewardModel(nn.Module):
         self.tokenizer = tokenizer
         self.max_length = max_length
 
+    @abc.abstractmethod
     def reward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """One reward per sequence [B] for right- or left-padded token ids."""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.reward(input_ids, attention_mask)
