@@ -75,5 +75,6 @@ class RolloutWorker:
                     behaviour_logprobs=completion.logprobs,
                     policy_version=self.policy_version,
                     finish_reason=completion.finish_reason,
+                    extra=dict(prompt.extra),
                 ))
         return samples

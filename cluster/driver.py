@@ -21,7 +21,7 @@ from raylign.cluster.ray_setup import start_ray
 from raylign.cluster.reward_pool import RewardPool
 from raylign.cluster.rollout_pool import RolloutPool
 from raylign.common.config import BUILTIN_MODEL_PREFIX, RunConfig, config_to_yaml
-from raylign.common.data import load_text_column
+from raylign.common.data import load_columns, load_text_column
 from raylign.common.run_logging import RunLogger
 from raylign.common.statistics import steps_to_threshold
 from raylign.common.types import Sample
@@ -197,7 +197,11 @@ def make_prompt_sampler(config: RunConfig, model_path: str, output_dir: Path, se
     if config.data.max_prompts is not None:
         texts = texts[: config.data.max_prompts]
     token_ids = tokenize_prompts(model_path, texts, config.data.chat_template)
-    return PromptSampler(texts, token_ids, config.seed if seed is None else seed)
+    extras = None
+    if config.data.extra_fields:
+        columns = load_columns(config.data.prompts, config.data.extra_fields, config.data.split, data_dir=output_dir / "data")
+        extras = [{name: values[i] for name, values in columns.items()} for i in range(len(texts))]
+    return PromptSampler(texts, token_ids, config.seed if seed is None else seed, extras)
 
 
 def measure_gradient_variance(config: RunConfig, learner, rollouts: RolloutPool, rewards: RewardPool,

@@ -17,10 +17,11 @@ class PromptCursor:
 
 
 class PromptSampler:
-    def __init__(self, texts: list[str], token_ids: list[list[int]], seed: int):
+    def __init__(self, texts: list[str], token_ids: list[list[int]], seed: int, extras: list[dict] | None = None):
         if not texts:
             raise ValueError("the prompt set is empty; check data.prompts and data.split")
         self.texts, self.token_ids, self.seed = texts, token_ids, seed
+        self.extras = extras or [{} for _ in texts]
         self.cursor = PromptCursor()
         self._order = self._epoch_order(0)
 
@@ -38,5 +39,6 @@ class PromptSampler:
             index = self._order[self.cursor.position]
             self.cursor.position += 1
             seed = (self.seed * 1_000_003 + step * 10_007 + position) % (2**31 - 1)
-            items.append(PromptItem(index=index, text=self.texts[index], token_ids=self.token_ids[index], seed=seed))
+            items.append(PromptItem(index=index, text=self.texts[index], token_ids=self.token_ids[index], seed=seed,
+                                    extra=self.extras[index]))
         return items

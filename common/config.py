@@ -63,6 +63,10 @@ class DataConfig(Section):
     prompt_field: str = Field("prompt", description="Column holding the prompt text.")
     split: str = Field("train", description="Dataset split to read prompts from.")
     max_prompts: int | None = Field(None, ge=1, description="Use only the first N prompts of the split.")
+    extra_fields: list[str] = Field(
+        default_factory=list,
+        description="Dataset columns passed to reward functions as keyword arguments (one value per sample), e.g. [label].",
+    )
     category_field: str | None = Field(
         None, description="Column naming each prompt's category (e.g. seed smollm2_orca's three); evaluation then reports reward per category."
     )

@@ -112,26 +112,43 @@ def builtin_corpus_texts(seed: int = 0, num_texts: int = 4000) -> list[str]:
     return [synthetic_review(rng) for _ in range(num_texts)]
 
 
-def load_text_column(source: str, field: str, split: str = "train", data_dir: str | Path | None = None) -> list[str]:
-    """Load one text column through `datasets`: local json/jsonl, or a hub dataset name.
-
-    For local files with a `split` column, rows are filtered to `split`.
-    """
+def _load_rows(source: str, split: str, data_dir: str | Path | None, text_file: bool):
+    """A `datasets` split: local json/jsonl (rows filtered by a `split` column when present) or a hub dataset."""
     import datasets
 
     if source == BUILTIN_REVIEWS:
         if data_dir is None:
             raise ValueError("data_dir is required to materialise the built-in data")
         paths = write_builtin_reviews(data_dir)
-        source = str(paths["prompts"] if field == "prompt" else paths["texts"])
+        source = str(paths["texts"] if text_file else paths["prompts"])
     if source.endswith((".json", ".jsonl")):
         if not Path(source).is_file():
             raise ValueError(f"data file '{source}' does not exist; give an existing .json/.jsonl file or 'builtin:movie-reviews'")
         dataset = datasets.load_dataset("json", data_files=source, split="train")
         if "split" in dataset.column_names:
             dataset = dataset.filter(lambda row: row["split"] == split)
-    else:
-        dataset = datasets.load_dataset(source, split=split)
+        return source, dataset
+    return source, datasets.load_dataset(source, split=split)
+
+
+def load_columns(source: str, fields: list[str], split: str = "train", data_dir: str | Path | None = None) -> dict[str, list]:
+    """Columns `fields` of a prompt set, in row order (the same rows `load_text_column` returns)."""
+    source, dataset = _load_rows(source, split, data_dir, text_file=False)
+    missing = [f for f in fields if f not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"data.extra_fields: columns {missing} not found in '{source}' (columns: {dataset.column_names}); "
+            "list only columns the data has"
+        )
+    return {field: list(dataset[field]) for field in fields}
+
+
+def load_text_column(source: str, field: str, split: str = "train", data_dir: str | Path | None = None) -> list[str]:
+    """Load one text column through `datasets`: local json/jsonl, or a hub dataset name.
+
+    For local files with a `split` column, rows are filtered to `split`.
+    """
+    source, dataset = _load_rows(source, split, data_dir, text_file=field != "prompt")
     if field not in dataset.column_names:
         raise ValueError(
             f"column '{field}' not found in '{source}' (columns: {dataset.column_names}); "

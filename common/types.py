@@ -17,6 +17,7 @@ class PromptItem:
     text: str
     token_ids: list[int]
     seed: int
+    extra: dict = field(default_factory=dict)  # dataset columns passed on to reward functions
 
 
 @dataclass(frozen=True)

@@ -326,7 +326,7 @@ class LearnerWorker:
                 prompt_index=prompt.index, sample_index=index % K, prompt=prompt.text, prompt_ids=list(prompt.token_ids),
                 completion=self.tokenizer.decode(ids, skip_special_tokens=True), completion_ids=ids,
                 behaviour_logprobs=[], policy_version=self.version,
-                finish_reason="stop" if self.tokenizer.eos_token_id in ids else "length",
+                finish_reason="stop" if self.tokenizer.eos_token_id in ids else "length", extra=dict(prompt.extra),
             ))
         self.version += 1
         self.kl_controller.update(float(stats["kl_sequence"]), 1)

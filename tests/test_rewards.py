@@ -39,3 +39,29 @@ def test_unknown_reward_names_the_field_and_choices():
 def test_non_finite_reward_stops_score_with_the_source_and_offending_completion():
     with pytest.raises(RewardError, match=r"2 of 2 samples have no valid reward; first: sample 0, source 'nan_reward': returned a non-finite score \(nan\) \(completion 'x'\)"):
         RewardWorker("tests.test_rewards:nan_reward").score(make_samples(["x", "y"]))
+
+
+def distance_to_target_length(prompts, completions, target_length):
+    return [-abs(len(c.split()) - t) for c, t in zip(completions, target_length)]
+
+
+def test_dataset_columns_reach_user_reward_functions(warm_model_dir, tmp_path):
+    """data.extra_fields -> PromptItem.extra -> Sample.extra -> the reward function's keyword arguments."""
+    import json
+
+    from raylign.actors.rollout_worker import RolloutWorker
+    from raylign.cluster.driver import make_prompt_sampler
+    from raylign.common.config import load_config
+    from raylign.common.types import SamplingSettings
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Review {i}: the movie was", "target_length": i}) + "\n" for i in range(4)))
+    config = load_config("configs/quickstart.yaml", [f"model.path={warm_model_dir}", f"data.prompts={prompts}",
+                                                      "data.extra_fields=[target_length]"])
+    batch = make_prompt_sampler(config, warm_model_dir, tmp_path).next_batch(4, step=0)
+    assert sorted(p.extra["target_length"] for p in batch) == [0, 1, 2, 3]
+    rollout = RolloutWorker("hf", warm_model_dir)
+    rollout.policy_version = 0
+    samples = rollout.generate(batch, SamplingSettings(samples_per_prompt=2, max_new_tokens=8))
+    rewards = RewardWorker("tests.test_rewards:distance_to_target_length").score(samples)
+    assert rewards == [-abs(len(s.completion.split()) - s.extra["target_length"]) for s in samples]
