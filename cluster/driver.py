@@ -16,7 +16,7 @@ import ray
 
 from raylign.actors.reward_worker import check_invalid_fraction
 from raylign.cluster.evaluation import Evaluator
-from raylign.cluster.prompts import PromptSampler
+from raylign.cluster.prompts import PromptCursor, PromptSampler
 from raylign.cluster.ray_setup import start_ray
 from raylign.cluster.reward_pool import RewardPool
 from raylign.cluster.rollout_pool import RolloutPool
@@ -58,13 +58,16 @@ def train(config: RunConfig) -> dict:
 
 def run_training(config: RunConfig, output_dir: Path, actors: list) -> dict:
     model_path = resolve_model_path(config, output_dir)
+    resume = read_resume_state(config, output_dir)
+    if resume is not None and config.sft.steps > 0:
+        model_path = str(output_dir / "sft_model")  # the warm-started base the checkpoint's adapter belongs to
 
     learner = ray.remote(LearnerWorker).options(num_cpus=config.train.num_cpus, num_gpus=config.train.num_gpus).remote(
         model_path, config.model, config.train, config.algorithm, config.rollout, config.seed
     )
     actors.append(learner)
     sft_metrics = {}
-    if config.sft.steps > 0:
+    if config.sft.steps > 0 and resume is None:
         model_path, sft_metrics = warm_start(config, learner, output_dir)
     ray.get(learner.attach_lora.remote())
 
@@ -75,14 +78,17 @@ def run_training(config: RunConfig, output_dir: Path, actors: list) -> dict:
     # Gradient-variance probes draw their own prompts, so measuring never changes what training sees.
     probe_sampler = make_prompt_sampler(config, model_path, output_dir, seed=config.seed + 7919)
     evaluator = Evaluator(config, model_path, output_dir, rollouts, rewards, learner)
+    history: list[dict] = []
+    first_step = 0
+    if resume is not None:
+        first_step, history = restore_run(config, output_dir, resume, learner, rewards, sampler, probe_sampler, evaluator)
     policy = learner.publish.remote()
     rollouts.publish(policy)
     logger = RunLogger(output_dir, config.model_dump(mode="json"), use_wandb=config.logging.wandb,
                        wandb_project=config.logging.wandb_project, wandb_mode=config.logging.wandb_mode)
-    history: list[dict] = []
     run_start = time.perf_counter()
     try:
-        for step in progress(range(config.train.steps), config.logging.progress, history):
+        for step in progress(range(first_step, config.train.steps), config.logging.progress, history):
             timer = PhaseTimer()
             if config.train.grad_variance_every and step % config.train.grad_variance_every == 0:
                 measure_gradient_variance(config, learner, rollouts, rewards, probe_sampler, step, output_dir)
@@ -126,8 +132,8 @@ def run_training(config: RunConfig, output_dir: Path, actors: list) -> dict:
             logger.log_metrics(metrics)
             logger.log_samples(step, samples, config.logging.samples_per_step)
             if config.train.checkpoint_every and (step + 1) % config.train.checkpoint_every == 0:
-                checkpoint(learner, rewards, output_dir, step, sampler)
-        final_checkpoint = checkpoint(learner, rewards, output_dir, config.train.steps - 1, sampler)
+                checkpoint(learner, rewards, output_dir, step, sampler, probe_sampler, evaluator)
+        final_checkpoint = checkpoint(learner, rewards, output_dir, config.train.steps - 1, sampler, probe_sampler, evaluator)
         test_metrics = evaluator.test(policy)
     finally:
         logger.close()
@@ -136,6 +142,34 @@ def run_training(config: RunConfig, output_dir: Path, actors: list) -> dict:
     results.update(evaluator.best_summary())
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def read_resume_state(config: RunConfig, output_dir: Path) -> dict | None:
+    if config.train.resume_from is None:
+        return None
+    state_file = Path(config.train.resume_from) / "driver_state.json"
+    if not state_file.is_file():
+        raise ValueError(
+            f"train.resume_from = '{config.train.resume_from}' holds no driver_state.json; point it at a checkpoint "
+            f"directory such as {output_dir / 'checkpoints' / 'step_000010'}"
+        )
+    return json.loads(state_file.read_text())
+
+
+def restore_run(config: RunConfig, output_dir: Path, resume: dict, learner, rewards: RewardPool,
+                sampler: PromptSampler, probe_sampler: PromptSampler, evaluator: Evaluator) -> tuple[int, list[dict]]:
+    """Put every actor and the driver back in the checkpoint's state; returns the next step and the history so far."""
+    ray.get(learner.load_checkpoint.remote(config.train.resume_from))
+    rewards.load_state_dict(resume["reward_normalizer"])
+    sampler.restore(PromptCursor(**resume["prompt_cursor"]))
+    probe_sampler.restore(PromptCursor(**resume["probe_cursor"]))
+    evaluator.restore_best(resume.get("best_val_reward"), resume.get("best_val_step"))
+    next_step = resume["step"] + 1
+    # Steps logged after the checkpoint by the interrupted run are dropped: they are about to be redone.
+    metrics_file = output_dir / "metrics.jsonl"
+    history = [m for m in map(json.loads, metrics_file.read_text().splitlines()) if m["step"] < next_step] if metrics_file.is_file() else []
+    metrics_file.write_text("".join(json.dumps(m) + "\n" for m in history))
+    return next_step, history
 
 
 def score(rewards: RewardPool, samples: list[Sample], config: RunConfig, logger: RunLogger, step: int):
@@ -251,8 +285,11 @@ def check_sync(learner_metrics: dict, tolerance: float, step: int) -> None:
         )
 
 
-def checkpoint(learner, rewards: RewardPool, output_dir: Path, step: int, sampler: PromptSampler) -> str:
-    state = {"step": step, "prompt_cursor": asdict(sampler.cursor), "reward_normalizer": rewards.state_dict()}
+def checkpoint(learner, rewards: RewardPool, output_dir: Path, step: int, sampler: PromptSampler,
+               probe_sampler: PromptSampler, evaluator: Evaluator) -> str:
+    """Everything a resumed run needs; the learner writes its own state beside the driver's."""
+    state = {"step": step, "prompt_cursor": asdict(sampler.cursor), "probe_cursor": asdict(probe_sampler.cursor),
+             "reward_normalizer": rewards.state_dict(), **evaluator.best_summary()}
     return ray.get(learner.save_checkpoint.remote(str(output_dir / "checkpoints" / f"step_{step + 1:06d}"), state))
 
 

@@ -25,6 +25,11 @@ class PromptSampler:
         self.cursor = PromptCursor()
         self._order = self._epoch_order(0)
 
+    def restore(self, cursor: PromptCursor) -> None:
+        """Continue the prompt stream from a saved cursor."""
+        self.cursor = PromptCursor(cursor.epoch, cursor.position)
+        self._order = self._epoch_order(cursor.epoch)
+
     def _epoch_order(self, epoch: int) -> list[int]:
         order = list(range(len(self.texts)))
         random.Random(self.seed * 7919 + epoch).shuffle(order)

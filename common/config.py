@@ -382,6 +382,13 @@ class TrainConfig(Section):
         ),
     )
     grad_variance_batches: int = Field(8, ge=2, description="Independent batches per gradient-variance measurement.")
+    resume_from: str | None = Field(
+        None,
+        description=(
+            "A checkpoint directory (output_dir/checkpoints/step_N) to continue from: adapter, optimizer, schedules, "
+            "RNG, prompt cursor and reward normaliser are restored, and the run goes on at step N as if uninterrupted."
+        ),
+    )
 
 
 class SftConfig(Section):

@@ -378,10 +378,36 @@ class LearnerWorker:
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path / "adapter")
-        torch.save({"optimizer": self.optimizer.state_dict(), "value_head": self.value_head.state_dict(), "version": self.version,
-                    "torch_rng": torch.get_rng_state()}, path / "learner_state.pt")
+        torch.save({
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "value_head": self.value_head.state_dict(), "version": self.version, "torch_rng": torch.get_rng_state(),
+            "shuffle_rng": self.shuffle_rng.get_state(), "kl_controller": vars(self.kl_controller),
+            "reward_baseline": self.reward_baseline, "grad_norm_history": self.grad_norm_history,
+        }, path / "learner_state.pt")
         (path / "driver_state.json").write_text(json.dumps(driver_state, indent=2))
         return str(path)
+
+    def load_checkpoint(self, directory: str) -> int:
+        """Restore everything `save_checkpoint` wrote (after attach_lora); returns the policy version."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        path = Path(directory)
+        for adapter_dir in [path / "adapter", *(p for p in (path / "adapter").iterdir() if p.is_dir())]:
+            name = "default" if adapter_dir == path / "adapter" else adapter_dir.name
+            weights = adapter_dir / "adapter_model.safetensors"
+            if weights.is_file():
+                set_peft_model_state_dict(self.model, load_file(weights), adapter_name=name)
+        state = torch.load(path / "learner_state.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.value_head.load_state_dict(state["value_head"])
+        torch.set_rng_state(state["torch_rng"])
+        self.shuffle_rng.set_state(state["shuffle_rng"])
+        vars(self.kl_controller).update(state["kl_controller"])
+        self.reward_baseline, self.grad_norm_history = state["reward_baseline"], state["grad_norm_history"]
+        self.version = state["version"]
+        return self.version
 
 
 @dataclass

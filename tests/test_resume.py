@@ -1,0 +1,37 @@
+"""A run resumed from a checkpoint reproduces the uninterrupted run."""
+
+import json
+import shutil
+
+import pytest
+
+from raylign.cluster.driver import train
+from raylign.common.config import load_config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["grpo", "ppo"])
+def test_resumed_run_reproduces_the_uninterrupted_one(method, warm_model_dir, ray_session, tmp_path):
+    common = [f"model.path={warm_model_dir}", "sft.steps=0", "rollout.backend=hf", f"algorithm.name={method}",
+              "train.steps=4", "train.checkpoint_every=2", "train.prompts_per_step=4", "logging.progress=false",
+              "reward.normalize=running", "train.lr_schedule=cosine"]
+    whole = tmp_path / "whole"
+    train(load_config("configs/quickstart.yaml", [f"output_dir={whole}", *common]))
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    results = train(load_config("configs/quickstart.yaml", [
+        f"output_dir={resumed}", *common, f"train.resume_from={resumed / 'checkpoints' / 'step_000002'}",
+    ]))
+
+    def metrics(run):
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    expected, got = metrics(whole), metrics(resumed)
+    assert [m["step"] for m in got] == [0, 1, 2, 3]
+    for before, after in zip(expected, got):
+        assert after["reward_mean"] == before["reward_mean"]
+        assert after["policy_version"] == before["policy_version"]
+        for key in ("loss", "kl", "grad_norm", "learning_rate", "reward/running_mean"):
+            assert after[key] == pytest.approx(before[key], rel=1e-4, abs=1e-7), key
+    assert results["steps"] == 4
