@@ -123,6 +123,7 @@ def run_training(config: RunConfig, output_dir: Path, actors: list) -> dict:
                 **scored.metrics(),
                 **learner_metrics,
                 "time/learner_compute_s": learner_seconds,
+                "rollout/restarts": rollouts.restarts,
             }
             if evaluator.validation_due(step):
                 metrics.update(evaluator.validate(step, policy))

@@ -12,10 +12,16 @@ from raylign.common.config import RunConfig
 from raylign.common.types import PromptItem, Sample, SamplingSettings
 
 
+RESTART_TIMEOUT_S = 600
+
+
 class RolloutPool:
     def __init__(self, config: RunConfig, model_path: str, num_workers: int | None = None):
         rollout = config.rollout
-        actor = ray.remote(RolloutWorker).options(num_cpus=rollout.num_cpus, num_gpus=rollout.num_gpus)
+        # A crashed actor is restarted by Ray (re-running __init__); `generate` then reloads the
+        # current policy into it and re-dispatches its work item, so no prompt is lost.
+        actor = ray.remote(RolloutWorker).options(num_cpus=rollout.num_cpus, num_gpus=rollout.num_gpus,
+                                                  max_restarts=rollout.max_restarts)
         self.workers = [
             actor.remote(
                 backend=rollout.backend, model_path=model_path, dtype=config.model.dtype, seed=config.seed + rank,
@@ -27,6 +33,8 @@ class RolloutPool:
             for rank in range(num_workers or rollout.num_workers)
         ]
         self.chunk = rollout.dispatch_chunk
+        self.current_update: ray.ObjectRef | None = None
+        self.restarts = 0
         self.settings = SamplingSettings(
             samples_per_prompt=rollout.samples_per_prompt, max_new_tokens=rollout.max_new_tokens,
             min_new_tokens=rollout.min_new_tokens, temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
@@ -50,14 +58,38 @@ class RolloutPool:
         while pending:
             (done,), _ = ray.wait(list(pending), num_returns=1)
             index, worker = pending.pop(done)
-            results[index] = ray.get(done)
+            try:
+                results[index] = ray.get(done)
+            except ray.exceptions.RayActorError as error:
+                self._recover(worker, error)
+                pending[worker.generate.remote(items[index], settings)] = (index, worker)
+                continue
             if next_item < len(items):
                 pending[worker.generate.remote(items[next_item], settings)] = (next_item, worker)
                 next_item += 1
         return [sample for part in results for sample in part]
 
+    def _recover(self, worker, error: Exception) -> None:
+        """Wait for Ray to restart a dead actor and give it the current policy again."""
+        self.restarts += 1
+        deadline = time.monotonic() + RESTART_TIMEOUT_S
+        while True:
+            try:
+                ray.get(worker.load_update.remote(self.current_update))
+                return
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"a rollout actor crashed ({error}) and was not back within {RESTART_TIMEOUT_S} s") from None
+                time.sleep(1.0)
+            except ray.exceptions.RayActorError as final:
+                raise RuntimeError(
+                    f"a rollout actor died and could not be restarted ({error}); rollout.max_restarts limits "
+                    "restarts per actor: raise it, or find why the actor dies (memory?) in the Ray logs"
+                ) from final
+
     def publish(self, update_ref: ray.ObjectRef) -> float:
         """Every actor loads the same object-store copy; returns seconds until all are ready."""
+        self.current_update = update_ref
         start = time.perf_counter()
         ray.get([w.load_update.remote(update_ref) for w in self.workers])
         return time.perf_counter() - start

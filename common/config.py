@@ -102,6 +102,9 @@ class RolloutConfig(Section):
             "engine runs without LoRA."
         ),
     )
+    max_restarts: int = Field(
+        3, ge=0, description="Times Ray restarts a crashed rollout actor; its work is re-dispatched and no prompt is lost."
+    )
     keep_versions: int = Field(1, ge=1, description="Adapter versions each vLLM actor keeps loaded (more for in-flight staleness).")
     dispatch_chunk: int | None = Field(
         None, ge=1,

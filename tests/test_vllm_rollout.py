@@ -106,3 +106,21 @@ def test_republishing_a_loaded_version_makes_it_current_without_unloading_it(poo
     first = rollout.generate(items)
     rollout.publish(update)
     assert [s.completion_ids for s in rollout.generate(items)] == [s.completion_ids for s in first]
+
+
+def test_a_crashed_rollout_actor_is_restarted_and_loses_no_prompt(warm_model_dir, ray_session):
+    from transformers import AutoTokenizer
+
+    config = load_config("configs/quickstart.yaml", [f"model.path={warm_model_dir}", "rollout.backend=hf",
+                                                      "rollout.num_workers=2", "rollout.dispatch_chunk=1"])
+    pool = RolloutPool(config, warm_model_dir)
+    pool.publish(ray.put(AdapterUpdate(version=0, files=adapter_files(random_adapter(warm_model_dir, seed=7), 0))))
+    items = prompts(AutoTokenizer.from_pretrained(warm_model_dir))
+    expected = pool.generate(items)
+    ray.kill(pool.workers[0], no_restart=False)  # a crash: Ray restarts the actor
+    again = pool.generate(items)
+    assert pool.restarts == 1
+    assert [(s.prompt_index, s.completion_ids, s.policy_version) for s in again] == \
+        [(s.prompt_index, s.completion_ids, s.policy_version) for s in expected]
+    for worker in pool.workers:
+        ray.kill(worker)
