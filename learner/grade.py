@@ -419,40 +419,6 @@ def write_gradient_variance(path: str | Path, result: dict) -> Path:
     return path
 
 
-def steps_to_threshold(
-    rewards: Sequence[float],
-    fraction: float = 0.8,
-    *,
-    window: int = 1,
-    baseline: float = 0.0,
-    steps: Sequence[int] | None = None,
-) -> int | None:
-    """First step whose reward reaches `baseline + fraction * (final - baseline)`.
-
-    Rewards are first smoothed with a trailing mean over `window` points, and `final` is the last
-    smoothed value, so one lucky batch does not count as reaching it. baseline = 0 gives "80 % of the
-    final reward"; baseline = rewards[0] measures 80 % of the improvement instead. Returns the index,
-    or `steps[index]` when the steps the rewards were logged at are given; None when the final reward
-    is not above the baseline (there is no improvement to reach a fraction of).
-    """
-    if not rewards:
-        raise ValueError("rewards is empty: steps_to_threshold needs a reward curve")
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction = {fraction}: give the share of the final reward to reach, in (0, 1]")
-    if window < 1:
-        raise ValueError(f"window = {window}: smooth over at least 1 point")
-    if steps is not None and len(steps) != len(rewards):
-        raise ValueError(f"{len(steps)} steps for {len(rewards)} rewards: give one step per reward")
-    smoothed = [statistics.fmean(rewards[max(0, i - window + 1): i + 1]) for i in range(len(rewards))]
-    if smoothed[-1] <= baseline:
-        return None
-    threshold = baseline + fraction * (smoothed[-1] - baseline)
-    for index, value in enumerate(smoothed):
-        if value >= threshold:
-            return index if steps is None else steps[index]
-    return None
-
-
 def peak_memory_bytes(device: torch.device | str | None = None) -> int:
     """Peak memory of this process: CUDA's max_memory_allocated on a GPU device, else the peak resident
     set size (ru_maxrss; KiB on Linux, bytes on macOS). Reset the CUDA peak with

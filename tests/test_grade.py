@@ -18,7 +18,6 @@ from raylign.learner.grade import (
     gumbel_softmax_sample,
     peak_memory_bytes,
     relaxed_generate,
-    steps_to_threshold,
     tau_at,
     write_gradient_variance,
 )
@@ -372,20 +371,6 @@ def test_gradient_variance_of_a_noisy_linear_model_recovers_the_noise_trace():
     assert result["trace_covariance"] == pytest.approx(4 * sigma**2, rel=0.05)
     assert result["mean_gradient_sq_norm_unbiased"] == pytest.approx(9.0, rel=0.02)
     assert result["variance_ratio"] == pytest.approx(1.0 / 9.0, rel=0.06)
-
-
-def test_steps_to_threshold_finds_the_first_step_at_the_fraction_of_the_final_reward():
-    rewards = [0.1, 0.3, 0.5, 0.9, 0.7, 1.0]
-    assert steps_to_threshold(rewards) == 3  # 0.8 * 1.0
-    assert steps_to_threshold(rewards, 0.5) == 2
-    assert steps_to_threshold(rewards, steps=[0, 10, 20, 30, 40, 50]) == 30
-    # 80 % of the improvement from 0.1: 0.1 + 0.8 * 0.9 = 0.82
-    assert steps_to_threshold(rewards, baseline=0.1) == 3
-    # Trailing mean over 2: [0.1, 0.2, 0.4, 0.7, 0.8, 0.85]; threshold 0.68.
-    assert steps_to_threshold(rewards, window=2) == 3
-    # No improvement over the baseline, so no fraction of it to reach.
-    assert steps_to_threshold([0.5, 0.6, 0.4], baseline=0.5) is None
-    assert steps_to_threshold([-1.0, -2.0]) is None
 
 
 def test_peak_memory_bytes_reports_the_process_peak():
