@@ -60,26 +60,32 @@ class RewardWorker:
             raise RewardError(describe_invalid(result))
         return result.rewards
 
-    def score_batch(self, samples: list[Sample], normalize: bool = True) -> RewardResult:
+    def score_batch(self, samples: list[Sample], normalize: bool = True,
+                    normalizer_state: dict | None = None) -> RewardResult:
         """Score every source on every sample; invalid samples get reward None and an entry in `errors`.
 
         `normalize=False` returns the weighted totals unnormalised, for a pool
         that normalises the joined shares of several actors with `normalize`.
+        `normalizer_state`, when given, replaces the running statistics first, so
+        a caller that keeps the state can use (restarted) actors as stateless.
         """
         try:
             result = self._score(samples)
         except Exception as exc:  # a failure outside any source must not kill the run either
             result = _all_invalid(samples, [source.label for source in self.sources], WORKER_SOURCE, exc)
-        return self.normalize(result) if normalize else result
+        return self.normalize(result, normalizer_state) if normalize else result
 
-    def normalize(self, result: RewardResult) -> RewardResult:
+    def normalize(self, result: RewardResult, normalizer_state: dict | None = None) -> RewardResult:
         """Apply the running normalisation (normalize: running) to `raw_rewards`; a no-op for 'none'."""
         if self.normalizer is None:
             result.rewards = list(result.raw_rewards)
             return result
+        if normalizer_state is not None:
+            self.normalizer.load_state_dict(normalizer_state)
         result.rewards = self.normalizer(result.raw_rewards)
         result.stats["reward/running_mean"] = self.normalizer.mean
         result.stats["reward/running_std"] = self.normalizer.std
+        result.normalizer_state = self.normalizer.state_dict()
         return result
 
     def normalizer_state(self) -> dict | None:

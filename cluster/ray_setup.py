@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import time
+from typing import Callable
 
 from raylign.common.config import RunConfig
 
@@ -32,3 +34,27 @@ def start_ray(config: RunConfig) -> None:
     # Logical CPUs only schedule actors; on a small machine they time-share the real cores.
     num_cpus = max(config.cluster.num_cpus or os.cpu_count() or 1, math.ceil(requested_cpus(config)))
     ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
+
+
+RESTART_TIMEOUT_S = 600
+
+
+def wait_for_restart(ping: Callable[[], object], error: Exception, what: str, max_restarts_field: str) -> None:
+    """After an actor crashed: wait until Ray has restarted it and `ping()` (which should also restore
+    the actor's state) succeeds. Raises naming the cause when the actor is gone for good."""
+    import ray
+
+    deadline = time.monotonic() + RESTART_TIMEOUT_S
+    while True:
+        try:
+            ray.get(ping())
+            return
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} crashed ({error}) and was not back within {RESTART_TIMEOUT_S} s") from None
+            time.sleep(1.0)
+        except ray.exceptions.RayActorError as final:
+            raise RuntimeError(
+                f"{what} died and could not be restarted ({error}); {max_restarts_field} limits restarts per "
+                "actor: raise it, or find why the actor dies (memory?) in the Ray logs"
+            ) from final

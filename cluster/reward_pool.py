@@ -10,30 +10,53 @@ from __future__ import annotations
 import ray
 
 from raylign.actors.reward_worker import RewardWorker
+from raylign.cluster.ray_setup import wait_for_restart
 from raylign.common.config import RewardConfig
 from raylign.common.types import RewardResult, Sample
 
 
 class RewardPool:
     def __init__(self, config: RewardConfig):
-        actor = ray.remote(RewardWorker).options(num_cpus=config.num_cpus, num_gpus=config.num_gpus)
+        # A crashed actor is restarted by Ray and the batch scored again. The running statistics live
+        # here and travel with every call, so a restarted actor starts from the right state.
+        actor = ray.remote(RewardWorker).options(num_cpus=config.num_cpus, num_gpus=config.num_gpus,
+                                                 max_restarts=config.max_restarts)
         self.workers = [actor.remote(config) for _ in range(config.num_workers)]
+        self.normalizer_state: dict | None = None  # the running statistics as of the last normalised batch
+        self.restarts = 0
 
     def score_batch(self, samples: list[Sample], normalize: bool = True) -> RewardResult:
         """Score a batch; `normalize=False` (evaluation) leaves the running statistics untouched."""
+        try:
+            result = self._score(samples, normalize)
+        except ray.exceptions.RayActorError as error:
+            self.restarts += 1
+            self._recover(error)
+            result = self._score(samples, normalize)
+        if normalize:
+            self.normalizer_state = result.normalizer_state
+        return result
+
+    def _score(self, samples: list[Sample], normalize: bool) -> RewardResult:
+        state = self.normalizer_state
         if len(self.workers) == 1:
-            return ray.get(self.workers[0].score_batch.remote(samples, normalize=normalize))
+            return ray.get(self.workers[0].score_batch.remote(samples, normalize=normalize, normalizer_state=state))
         shares = _contiguous_shares(samples, len(self.workers))
         parts = ray.get([w.score_batch.remote(share, normalize=False) for w, share in zip(self.workers, shares) if share])
         joined = RewardResult.concat(parts)
-        return ray.get(self.workers[0].normalize.remote(joined)) if normalize else joined
+        return ray.get(self.workers[0].normalize.remote(joined, state)) if normalize else joined
+
+    def _recover(self, error: Exception) -> None:
+        """Wait until every actor is up again."""
+        for worker in self.workers:
+            wait_for_restart(worker.normalizer_state.remote, error, "a reward actor", "reward.max_restarts")
 
     def state_dict(self) -> dict | None:
         """The running normalisation statistics, for checkpoints."""
-        return ray.get(self.workers[0].normalizer_state.remote())
+        return self.normalizer_state
 
     def load_state_dict(self, state: dict | None) -> None:
-        ray.get(self.workers[0].load_normalizer_state.remote(state))
+        self.normalizer_state = state
 
 
 def _contiguous_shares(items: list, parts: int) -> list[list]:

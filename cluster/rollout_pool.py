@@ -8,11 +8,9 @@ import time
 import ray
 
 from raylign.actors.rollout_worker import RolloutWorker
+from raylign.cluster.ray_setup import wait_for_restart
 from raylign.common.config import RunConfig
 from raylign.common.types import PromptItem, Sample, SamplingSettings
-
-
-RESTART_TIMEOUT_S = 600
 
 
 class RolloutPool:
@@ -72,20 +70,7 @@ class RolloutPool:
     def _recover(self, worker, error: Exception) -> None:
         """Wait for Ray to restart a dead actor and give it the current policy again."""
         self.restarts += 1
-        deadline = time.monotonic() + RESTART_TIMEOUT_S
-        while True:
-            try:
-                ray.get(worker.load_update.remote(self.current_update))
-                return
-            except ray.exceptions.ActorUnavailableError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"a rollout actor crashed ({error}) and was not back within {RESTART_TIMEOUT_S} s") from None
-                time.sleep(1.0)
-            except ray.exceptions.RayActorError as final:
-                raise RuntimeError(
-                    f"a rollout actor died and could not be restarted ({error}); rollout.max_restarts limits "
-                    "restarts per actor: raise it, or find why the actor dies (memory?) in the Ray logs"
-                ) from final
+        wait_for_restart(lambda: worker.load_update.remote(self.current_update), error, "a rollout actor", "rollout.max_restarts")
 
     def publish(self, update_ref: ray.ObjectRef) -> float:
         """Every actor loads the same object-store copy; returns seconds until all are ready."""

@@ -253,6 +253,7 @@ class RewardConfig(Section):
     )
     batch_size: int = Field(64, ge=1, description="Samples per call to each reward source (and per reward-model forward pass).")
     num_workers: int = Field(1, ge=1, description="Number of reward actors; each step's samples are split across them.")
+    max_restarts: int = Field(3, ge=0, description="Times Ray restarts a crashed reward actor; the batch is then scored again.")
     num_cpus: float = Field(0.5, gt=0, description="CPUs Ray reserves for each reward actor.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs for each reward actor; reward models run on the GPU when > 0.")
     threads: int = Field(1, ge=1, description="CPU threads each reward actor's torch uses for reward models.")

@@ -84,6 +84,7 @@ class RewardResult:
     errors: list[dict] = field(default_factory=list)
     raw_rewards: list[float | None] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
+    normalizer_state: dict | None = None  # running statistics after this batch (normalize: running)
 
     @property
     def invalid_indices(self) -> list[int]:
