@@ -92,10 +92,6 @@ class RewardWorker:
         """The running statistics, for checkpoints (None when normalisation is off)."""
         return None if self.normalizer is None else self.normalizer.state_dict()
 
-    def load_normalizer_state(self, state: dict | None) -> None:
-        if self.normalizer is not None and state is not None:
-            self.normalizer.load_state_dict(state)
-
     def _score(self, samples: list[Sample]) -> RewardResult:
         count = len(samples)
         prompts = [s.prompt for s in samples]
