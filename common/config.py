@@ -31,7 +31,10 @@ class LoraConfig(Section):
     alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(
         0.0, ge=0.0, lt=1.0,
-        description="Dropout on the LoRA input in SFT/DPO training; RL updates run without dropout so ratios and the sync guard compare like with like.",
+        description=(
+            "Dropout on the LoRA input in LoRA SFT and reward-model stages. RL and DPO run without it: the "
+            "probability ratio, the sync guard and DPO's policy/reference log-ratio compare deterministic scores."
+        ),
     )
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt, or 'all-linear' for every linear layer except the output head."
@@ -297,7 +300,15 @@ class AlgorithmConfig(Section):
         ),
     )
     kl_coef: float = Field(0.02, ge=0, description="Initial weight of the KL-to-reference term (beta).")
-    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Per-token estimator of KL(policy || reference) used in the loss.")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field(
+        "k3",
+        description=(
+            "Per-token estimator of KL(policy || reference) used as a loss term (kl_placement 'loss'). Its gradient "
+            "on sampled tokens is what regularises: k2 gives the gradient of KL(policy || reference), k3 that of "
+            "KL(reference || policy); k1's gradient is zero in expectation, so k1 is refused in the loss. The "
+            "reward placement always uses k1 (the per-token log-ratio)."
+        ),
+    )
     kl_placement: Literal["loss", "reward"] | None = Field(
         None,
         description=(
@@ -318,8 +329,25 @@ class AlgorithmConfig(Section):
     clip_low: float = Field(0.2, gt=0, description="PPO clip range below 1 for the probability ratio.")
     clip_high: float | None = Field(None, gt=0, description="Clip range above 1 ('clip-higher'); defaults to clip_low.")
     advantage_scale: Literal["std", "none"] = Field("std", description="GRPO: 'std' = (r - mean)/std per group; 'none' = mean-only (Dr.GRPO).")
+    advantage_std: Literal["population", "unbiased"] = Field(
+        "population",
+        description=(
+            "GRPO: the group std divides the variance by K ('population', raylign's default) or by K-1 "
+            "('unbiased', as TRL and veRL): x1.155 larger at K=4, which shifts the balance against the KL term."
+        ),
+    )
+    single_sample_groups: Literal["zero", "score"] = Field(
+        "zero",
+        description=(
+            "GRPO/RLOO: the advantage of a group left with one sample (the others invalid): 'zero' (no comparison, "
+            "no gradient; default) or 'score' (its raw score, as veRL does)."
+        ),
+    )
     advantage_clip: float | None = Field(None, gt=0, description="Clip advantages to [-x, x] (None = off).")
-    baseline_momentum: float = Field(0.9, ge=0, lt=1, description="REINFORCE: momentum of the EMA reward baseline.")
+    baseline_momentum: float = Field(
+        0.9, ge=0, lt=1,
+        description="REINFORCE: momentum of the EMA reward baseline, which starts at the first batch's mean reward (not 0).",
+    )
     loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "constant"] = Field(
         "token_mean", description="How per-token losses become one number: token-mean, sequence-mean of token-means, or sum / (B * max_new_tokens) (Dr.GRPO)."
     )
@@ -474,6 +502,13 @@ class RunConfig(Section):
                     f"algorithm.kl_placement = 'reward' with {self.algorithm.name}: GRADE keeps the KL in its loss; "
                     "remove kl_placement or set it to 'loss'"
                 )
+        if (not self.algorithm.is_differentiable and not self.algorithm.kl_in_reward
+                and self.algorithm.kl_estimator == "k1"):
+            raise ValueError(
+                "algorithm.kl_estimator = 'k1' with kl_placement 'loss': on sampled tokens k1's gradient is "
+                "grad log pi, zero in expectation, so the KL term would not regularise at all; use kl_estimator=k3 "
+                "(gradient of KL(ref || pi)) or k2 (gradient of KL(pi || ref)), or algorithm.kl_placement=reward"
+            )
         samples = self.train.prompts_per_step * self.rollout.samples_per_prompt
         if samples < self.algorithm.num_minibatches:
             raise ValueError(

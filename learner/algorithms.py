@@ -12,6 +12,7 @@ Conventions:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal, Protocol, Sequence
 
 import torch
@@ -83,6 +84,7 @@ def group_advantages(
     group_size: int,
     scale: Literal["std", "none"] = "std",
     eps: float = 1e-6,
+    std: Literal["population", "unbiased"] = "population",
 ) -> Tensor:
     """GRPO advantages: A_i = (r_i - mean_g) / (std_g + eps), or r_i - mean_g.
 
@@ -90,14 +92,17 @@ def group_advantages(
     ``scale="none"`` drops the division (Dr.GRPO), which removes the bias
     towards groups whose rewards barely differ.
 
-    std_g is the population (biased, divide by K) standard deviation. TRL
-    and veRL use the unbiased one (divide by K-1); ours is smaller by
-    sqrt((K-1)/K) and stays defined for K=1, where it gives A=0.
+    ``std="population"`` divides the variance by K (raylign's default, defined
+    for K=1 where it gives A=0); ``"unbiased"`` divides by K-1 as TRL and veRL
+    do, which makes the advantages smaller by sqrt((K-1)/K) (x0.866 at K=4).
     """
     grouped = _grouped(rewards, group_size)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if std not in ("population", "unbiased"):
+        raise ValueError(f"std must be 'population' or 'unbiased', got {std!r}")
     if scale == "std":
-        centred = centred / (grouped.std(dim=1, unbiased=False, keepdim=True) + eps)
+        unbiased = std == "unbiased" and group_size > 1
+        centred = centred / (grouped.std(dim=1, unbiased=unbiased, keepdim=True) + eps)
     elif scale != "none":
         raise ValueError(f"scale must be 'std' or 'none', got {scale!r}")
     return centred.reshape(-1)
@@ -151,6 +156,11 @@ def kl_per_token(
       k3 = exp(-log_ratio) + log_ratio - 1      unbiased, low variance, >= 0
     For k3, -log_ratio is capped at 20 before exp so a token the policy has
     all but abandoned cannot overflow. Inputs and output are [B, T].
+
+    As a loss term on sampled tokens (GRPO style) the value matters less than
+    the gradient it gives: k1's is grad log pi, zero in expectation (no
+    regularisation at all, so the config refuses k1 in the loss); k2's is the
+    gradient of KL(pi || ref); k3's is the gradient of KL(ref || pi).
     """
     log_ratio = logp - ref_logp
     if estimator == "k1":
@@ -215,33 +225,56 @@ def truncated_importance_weights(learner_logp: Tensor, behaviour_logp: Tensor, c
     return torch.exp(log_ratio).clamp(max=cap)
 
 
+@dataclass(frozen=True)
+class Normaliser:
+    """The counts a loss is divided by, taken over a whole minibatch.
+
+    Micro-batches and data-parallel ranks only split the work of a minibatch:
+    each part divides its *sum* by these counts, so the parts add up to exactly
+    the minibatch's loss (a mean of per-part means would weight a short part
+    like a long one).
+    """
+
+    tokens: float  # valid (completion) tokens in the minibatch
+    sequences: int  # rows in the minibatch
+
+    @classmethod
+    def of(cls, mask: Tensor) -> "Normaliser":
+        return cls(tokens=float(mask.sum()), sequences=int(mask.shape[0]))
+
+
 def aggregate_loss(
     per_token: Tensor,
     mask: Tensor,
     mode: Literal["token_mean", "seq_mean_token_mean", "constant"],
     constant: float | None = None,
+    normaliser: Normaliser | None = None,
 ) -> Tensor:
     """Reduce a [B, T] per-token loss to a scalar over the valid tokens.
 
-    token_mean:           sum(loss * mask) / sum(mask); every token weighs the same.
-    seq_mean_token_mean:  mean_b [ sum_t(loss * mask) / sum_t(mask) ]; every
+    token_mean:           sum(loss * mask) / N_tokens; every token weighs the same.
+    seq_mean_token_mean:  sum_b [ sum_t(loss * mask) / sum_t(mask) ] / N_seqs; every
                           sequence weighs the same (a sequence with no valid
-                          token contributes 0 but still counts in B).
-    constant:             sum(loss * mask) / (B * constant) (Dr.GRPO), with
+                          token contributes 0 but still counts).
+    constant:             sum(loss * mask) / (N_seqs * constant) (Dr.GRPO), with
                           constant = max completion length, so the gradient
                           does not favour short or long answers.
+
+    N_tokens and N_seqs come from ``normaliser`` (the whole minibatch, when
+    ``per_token`` is one micro-batch of it) or, when None, from ``mask`` itself.
     """
+    normaliser = normaliser or Normaliser.of(mask)
     if mode == "token_mean":
-        return masked_mean(per_token, mask)
+        return masked_sum(per_token, mask) / max(normaliser.tokens, 1.0)
     if mode == "seq_mean_token_mean":
-        return masked_mean(per_token, mask, dim=-1).mean()
+        return masked_mean(per_token, mask, dim=-1).sum() / max(normaliser.sequences, 1)
     if mode == "constant":
         if constant is None or constant <= 0:
             raise ValueError(
                 f"loss aggregation 'constant' needs constant > 0 (the max completion length), got {constant}; "
                 f"pass constant=max_new_tokens"
             )
-        return masked_sum(per_token, mask) / (per_token.shape[0] * constant)
+        return masked_sum(per_token, mask) / (max(normaliser.sequences, 1) * constant)
     raise ValueError(
         f"loss aggregation mode must be 'token_mean', 'seq_mean_token_mean' or 'constant', got {mode!r}"
     )

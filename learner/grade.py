@@ -147,16 +147,22 @@ class RelaxedGeneration:
     prompt_ids: Tensor  # [B, P] left-padded
     prompt_mask: Tensor  # [B, P]
 
-    def sequence_for_reward(self, include_prompt: bool = True) -> tuple[Tensor, Tensor]:
+    def sequence_for_reward(self, include_prompt: bool = True, eos_token_id: int | None = None) -> tuple[Tensor, Tensor]:
         """(token_probs [B, L, V], attention_mask [B, L]) right-padded, the layout `RewardModel` batches use:
         prompt one-hots (when `include_prompt`) then the relaxed completion, each row moved to start at
-        position 0, so a reward model sees the same positions as when it scores the hard text."""
+        position 0, so a reward model sees the same positions as when it scores the hard text.
+
+        With `eos_token_id`, a completion's closing EOS is left out, as it is from the hard text the
+        reported reward scores (decoded without special tokens): the soft reward pools over the same tokens."""
+        completion_mask = self.completion_mask
+        if eos_token_id is not None:
+            completion_mask = completion_mask * (self.tokens != eos_token_id).to(completion_mask.dtype)
         if not include_prompt:
-            probs, mask = self.token_probs, self.completion_mask
+            probs, mask = self.token_probs, completion_mask
         else:
             prompt = F.one_hot(self.prompt_ids, self.token_probs.shape[-1]).to(self.token_probs.dtype)
             probs = torch.cat([prompt, self.token_probs], dim=1)
-            mask = torch.cat([self.prompt_mask.to(self.completion_mask.dtype), self.completion_mask], dim=1)
+            mask = torch.cat([self.prompt_mask.to(completion_mask.dtype), completion_mask], dim=1)
         order = torch.sort((mask == 0).to(torch.int8), dim=1, stable=True).indices
         rows = torch.arange(mask.shape[0], device=mask.device).unsqueeze(-1)
         return probs[rows, order], mask[rows, order]
@@ -206,7 +212,10 @@ class _CachedModel:
         self.keys: list[list[Tensor]] = []
         self.values: list[list[Tensor]] = []
 
-    def step(self, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+    def step(self, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor,
+             grad_rows: Tensor | None = None) -> Tensor:
+        """Logits of the next token; with `grad_rows` [B] bool, the other rows' logits and K/V slices are
+        constants (outside their backprop window)."""
         # Tuples: a checkpointed step is re-run in backward and must see the prefix it saw in forward.
         past_keys = tuple(tuple(k) for k in self.keys)
         past_values = tuple(tuple(v) for v in self.values)
@@ -215,12 +224,22 @@ class _CachedModel:
             logits, keys, values = checkpoint(_forward_step, *args, use_reentrant=False)
         else:
             logits, keys, values = _forward_step(*args)
+        if grad_rows is not None and torch.is_grad_enabled():
+            logits = _keep_grad_in_rows(logits, grad_rows)
+            keys = tuple(_keep_grad_in_rows(k, grad_rows) for k in keys)
+            values = tuple(_keep_grad_in_rows(v, grad_rows) for v in values)
         if not self.keys:
             self.keys, self.values = [[] for _ in keys], [[] for _ in values]
         for layer, (k, v) in enumerate(zip(keys, values)):
             self.keys[layer].append(k)
             self.values[layer].append(v)
         return logits
+
+
+def _keep_grad_in_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """`x` [B, ...] with the gradient cut in every row where `rows` [B] is False."""
+    keep = rows.view(-1, *([1] * (x.dim() - 1)))
+    return torch.where(keep, x, x.detach())
 
 
 def relaxed_generate(
@@ -251,9 +270,11 @@ def relaxed_generate(
       which embeds the same relaxed tokens with its own embedding matrix.
     - KL: exact per-token KL(policy || reference) over the full vocabulary at temperature 1 (top-k only
       restricts the relaxed sample, not the distributions compared).
-    - `backprop_window` W: only the last W of the `max_new_tokens` steps carry gradient; the context
-      before them (prompt included when W < max_new_tokens) is computed without autograd, so it costs
-      no activation memory and its tokens and KL terms are constants.
+    - `backprop_window` W: only the last W tokens each row actually generated (its EOS included) carry
+      gradient; everything before a row's window (its prompt too, when the row is longer than W) is a
+      constant. The rows' lengths come from a first pass without autograd under the same noise, so a
+      window costs that extra forward but no activation memory before the earliest window, and no row
+      that ends early is left without gradient.
     - `gradient_checkpointing`: each step's forward (policy and reference) runs under
       `torch.utils.checkpoint` and is recomputed in backward, so memory holds the K/V slices and logits
       per step instead of every layer's activations. transformers' own `gradient_checkpointing_enable()`
@@ -270,6 +291,35 @@ def relaxed_generate(
         reference = Reference.adapter_disabled(policy)
     elif not isinstance(reference, Reference):
         reference = Reference(reference)
+    options = dict(max_new_tokens=max_new_tokens, tau=tau, straight_through=straight_through, top_k=top_k,
+                   gradient_checkpointing=gradient_checkpointing, eos_token_id=eos_token_id,
+                   min_new_tokens=min_new_tokens, noise=noise)
+    if backprop_window is None or not torch.is_grad_enabled():
+        return _relaxed_generate(policy, reference, prompt_ids, prompt_mask, generator=generator, window_starts=None,
+                                 **options)
+    if noise is None:
+        # The second pass must draw the first pass's noise: replay one generator from the same state.
+        if generator is None:
+            seed = int(torch.randint(0, 2**62, (1,)))
+            generator = torch.Generator(device=prompt_ids.device).manual_seed(seed)
+        state = generator.get_state()
+    with torch.no_grad():
+        dry_run = _relaxed_generate(policy, reference, prompt_ids, prompt_mask, generator=generator,
+                                    window_starts=None, **options)
+    if noise is None:
+        generator.set_state(state)
+    lengths = dry_run.completion_mask.sum(-1).long()
+    window_starts = (lengths - backprop_window).clamp_min(0)
+    return _relaxed_generate(policy, reference, prompt_ids, prompt_mask, generator=generator,
+                             window_starts=window_starts, **options)
+
+
+def _relaxed_generate(policy, reference: Reference, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int,
+                      tau: float, straight_through: bool, top_k: int | None, gradient_checkpointing: bool,
+                      eos_token_id: int | None, min_new_tokens: int, generator: torch.Generator | None,
+                      noise: Tensor | None, window_starts: Tensor | None) -> RelaxedGeneration:
+    """The generation loop of `relaxed_generate`; `window_starts` [B]: the first step of each row that
+    carries gradient (None: every step)."""
     policy_embedding = policy.get_input_embeddings()
     reference_embedding = reference.model.get_input_embeddings()
     shared_embedding = reference_embedding.weight is policy_embedding.weight
@@ -284,7 +334,7 @@ def relaxed_generate(
     position_ids = (attention.cumsum(-1) - 1).clamp_min(0)
     next_position = attention.sum(-1, keepdim=True)
     grad_wanted = torch.is_grad_enabled()
-    first_grad_step = 0 if backprop_window is None else max(0, max_new_tokens - backprop_window)
+    first_grad_step = 0 if window_starts is None else int(window_starts.min())
     policy_inputs = policy_embedding(prompt_ids)
     reference_inputs = policy_inputs if shared_embedding else reference_embedding(prompt_ids)
 
@@ -295,8 +345,9 @@ def relaxed_generate(
             if t > 0:
                 policy_inputs = soft_embed(policy_embedding, ys[-1])
                 reference_inputs = policy_inputs if shared_embedding else soft_embed(reference_embedding, ys[-1])
-            logits = policy_cache.step(policy_inputs, attention, position_ids)
-            reference_logits = reference_cache.step(reference_inputs, attention, position_ids)
+            grad_rows = None if window_starts is None else window_starts <= t
+            logits = policy_cache.step(policy_inputs, attention, position_ids, grad_rows)
+            reference_logits = reference_cache.step(reference_inputs, attention, position_ids, grad_rows)
             if eos_token_id is not None and t < min_new_tokens:
                 logits = logits.index_fill(-1, torch.tensor([eos_token_id], device=logits.device), float("-inf"))
                 reference_logits = reference_logits.index_fill(

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-from dataclasses import dataclass
 import random
 import statistics
 import time
@@ -16,12 +14,12 @@ import torch
 from raylign.common.config import AlgorithmConfig, ModelConfig, RolloutConfig, SftConfig, TrainConfig
 from raylign.common.lora import adapter_files, merged_lora_weights
 from raylign.common.types import AdapterUpdate, MergedWeightsUpdate, PromptItem, Sample
+from raylign.common.prompt_completion import pad_token_id
 from raylign.learner import algorithms as alg
-from raylign.learner.batching import TokenBatch, build_token_batch, score_tokens
-from raylign.learner.objectives import policy_objective, sequence_advantages
+from raylign.learner import update
+from raylign.learner.batching import build_token_batch
 from raylign.learner.sft import sft_train
-
-CRITIC_ADAPTER = "critic"
+from raylign.learner.update import CRITIC_ADAPTER
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -93,6 +91,11 @@ class LearnerWorker:
             parameter.requires_grad_(True)
         if self.algorithm.name == "ppo":
             self.trainable_parameters += list(self.value_head.parameters())
+        self.policy = update.ScoringPolicy(
+            model=self.model, value_head=self.value_head, trainable_parameters=self.trainable_parameters,
+            temperature=self.rollout.temperature, eos_token_id=self.tokenizer.eos_token_id,
+            min_new_tokens=self.rollout.min_new_tokens, critic=self.algorithm.critic,
+        )
         train = self.train_config
         self.optimizer = torch.optim.AdamW(self.trainable_parameters, lr=train.learning_rate, weight_decay=train.weight_decay)
         optimizer_steps = train.steps * self.algorithm.epochs * self.algorithm.num_minibatches
@@ -127,44 +130,14 @@ class LearnerWorker:
         Uses the k3 estimator summed over tokens, non-negative by construction,
         at the sampling temperature (1.0 for honest evaluation).
         """
-        batch = build_token_batch(samples, self.tokenizer.pad_token_id).to(self.device)
+        batch = build_token_batch(samples, pad_token_id(self.tokenizer)).to(self.device)
         mask = batch.completion_mask
         with torch.no_grad():
-            policy, _ = self._score(batch, temperature=temperature)
-            with self.model.disable_adapter():
-                reference, _ = self._score(batch, temperature=temperature)
+            policy, _ = self.policy.score(batch, temperature=temperature)
+            reference = self.policy.reference_score(batch, temperature=temperature)
         kl = alg.masked_sum(alg.kl_per_token(policy.logprobs, reference.logprobs, "k3"), mask, dim=-1)
         reference_nll = -alg.masked_sum(reference.logprobs, mask) / mask.sum().clamp(min=1)
         return {"kl": float(kl.mean()), "kl_std": float(kl.std(unbiased=False)), "reference_perplexity": float(torch.exp(reference_nll))}
-
-    def _score(self, batch: TokenBatch, *, with_entropy: bool = False, with_values: bool = False, temperature: float | None = None):
-        separate_critic = with_values and self.algorithm.critic == "separate_adapter"
-        scores = score_tokens(
-            self.model, batch, temperature=temperature or self.rollout.temperature, eos_token_id=self.tokenizer.eos_token_id,
-            min_new_tokens=self.rollout.min_new_tokens, with_entropy=with_entropy, with_hidden=with_values and not separate_critic,
-        )
-        if not with_values:
-            return scores, None
-        hidden = scores.hidden
-        if separate_critic:
-            with self._active_adapter(CRITIC_ADAPTER):
-                output = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
-            hidden = output.hidden_states[-1][:, :-1]
-        return scores, self.value_head(hidden.float()).squeeze(-1)
-
-    @contextlib.contextmanager
-    def _active_adapter(self, name: str):
-        """Run the model with adapter `name`; every LoRA parameter keeps requires_grad, so one
-        backward reaches both the policy and the critic adapter (PEFT's set_adapter would freeze the other)."""
-        self.model.set_adapter(name)
-        for parameter in self.trainable_parameters:
-            parameter.requires_grad_(True)
-        try:
-            yield
-        finally:
-            self.model.set_adapter("default")
-            for parameter in self.trainable_parameters:
-                parameter.requires_grad_(True)
 
     def train_step(self, samples: list[Sample], rewards: list[float], group_sizes: list[int] | None = None) -> dict:
         """One update of the configured method on a batch of prompt groups (contiguous per prompt).
@@ -175,25 +148,20 @@ class LearnerWorker:
         if self.optimizer is None:
             raise RuntimeError("attach_lora must be called before train_step")
         algo, start = self.algorithm, time.perf_counter()
-        targets = self._prepare(samples, rewards, group_sizes, update_baseline=True)
-        totals: dict[str, float] = {}
-        updates, grad_norms = 0, []
-        for _ in range(algo.epochs):
-            order = torch.randperm(len(samples), generator=self.shuffle_rng) if algo.num_minibatches > 1 else torch.arange(len(samples))
-            for minibatch in torch.tensor_split(order, algo.num_minibatches):
-                for rows in torch.split(minibatch, self.train_config.micro_batch_size):
-                    loss, stats = self._loss(targets, rows)
-                    # Micro-batches are weighted by their share of the minibatch.
-                    (loss * (len(rows) / len(minibatch))).backward()
-                    for key, value in {"loss": loss.detach(), **stats}.items():
-                        totals[key] = totals.get(key, 0.0) + float(value) * len(rows)
-                grad_norms.append(self._optimizer_step())
-                updates += len(minibatch)
+        targets, scores = self._prepare(samples, rewards, group_sizes)
+        losses, grad_norms = update.run_update(
+            self.policy, targets, algo, micro_batch_size=self.train_config.micro_batch_size,
+            max_new_tokens=self.rollout.max_new_tokens, optimizer_step=self._optimizer_step, shuffle=self.shuffle_rng,
+        )
+        if algo.name == "reinforce":
+            # The baseline starts at the first batch's mean (ema_update's first value), not at 0.
+            shaped = update.shaped_rewards(targets, scores, algo)
+            self.reward_baseline = alg.ema_update(self.reward_baseline, float(shaped.mean()), algo.baseline_momentum)
         self.version += 1
         self.kl_controller.update(float(targets.sequence_kl.mean()), len(samples) if algo.kl_controller == "adaptive" else 1)
         mask, batch = targets.batch.completion_mask, targets.batch
         gap = (targets.old_logp - batch.behaviour_logprobs).abs()
-        metrics = {key: value / updates for key, value in totals.items()}
+        metrics = dict(losses)
         metrics.update(self._grad_norm_metrics(grad_norms[-1]))
         metrics.update({
             "entropy": float(alg.masked_mean(targets.entropy, mask)),
@@ -213,9 +181,9 @@ class LearnerWorker:
             metrics["explained_variance"] = alg.explained_variance(targets.old_values, targets.returns, mask)
         return metrics
 
-    def _prepare(self, samples: list[Sample], rewards: list[float], group_sizes: list[int] | None,
-                 update_baseline: bool) -> "UpdateTargets":
-        """Everything fixed during an update: old/reference logprobs, values, advantages, returns."""
+    def _prepare(self, samples: list[Sample], rewards: list[float],
+                 group_sizes: list[int] | None) -> tuple[update.UpdateTargets, torch.Tensor]:
+        """The batch's fixed targets (old/reference logprobs, values, advantages) and its scores."""
         group_sizes = group_sizes or [self.rollout.samples_per_prompt] * (len(samples) // self.rollout.samples_per_prompt)
         if sum(group_sizes) != len(samples):
             raise ValueError(f"group sizes {group_sizes} do not add up to the {len(samples)} samples")
@@ -225,58 +193,11 @@ class LearnerWorker:
                 f"{len(stale)} samples come from policy version {stale[0]} but the learner is at {self.version}; "
                 "on-policy training needs every sample from the current version"
             )
-        algo, is_ppo = self.algorithm, self.algorithm.name == "ppo"
-        batch = build_token_batch(samples, self.tokenizer.pad_token_id).to(self.device)
-        mask = batch.completion_mask
+        batch = build_token_batch(samples, pad_token_id(self.tokenizer)).to(self.device)
         scores = torch.tensor(rewards, dtype=torch.float32, device=self.device)
-        kl_coef = self.kl_controller.value
-        with torch.no_grad():
-            old, old_values = self._score(batch, with_entropy=True, with_values=is_ppo)
-            with self.model.disable_adapter():
-                ref, _ = self._score(batch)
-        kl_k1 = alg.kl_per_token(old.logprobs, ref.logprobs, "k1")
-        sequence_kl = alg.masked_sum(kl_k1, mask, dim=-1)
-        importance = (alg.truncated_importance_weights(old.logprobs, batch.behaviour_logprobs, algo.importance_sampling_cap)
-                      if algo.importance_sampling_cap is not None else None)
-        returns = None
-        if is_ppo:
-            token_rewards = alg.eos_rewards_with_kl(scores, kl_k1, mask, kl_coef if algo.kl_in_reward else 0.0)
-            advantages, returns = alg.gae(token_rewards, old_values, mask, algo.gamma, algo.lam)
-            advantages = alg.masked_whiten(advantages, mask)
-        else:
-            shaped = scores - kl_coef * sequence_kl if algo.kl_in_reward else scores
-            advantages = sequence_advantages(algo.name, shaped, group_sizes,
-                                             advantage_scale=algo.advantage_scale, baseline=self.reward_baseline)
-            if algo.name == "reinforce" and update_baseline:
-                self.reward_baseline = alg.ema_update(self.reward_baseline, float(shaped.mean()), algo.baseline_momentum)
-        return UpdateTargets(
-            batch=batch, old_logp=old.logprobs, entropy=old.entropy, ref_logp=ref.logprobs, old_values=old_values,
-            advantages=alg.clip_advantages(advantages, algo.advantage_clip), returns=returns, importance=importance,
-            sequence_kl=sequence_kl, kl_coef=kl_coef,
-        )
-
-    def _loss(self, targets: "UpdateTargets", rows: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """The method's loss on rows `rows` of the prepared batch, under the current weights."""
-        algo = self.algorithm
-        part = targets.batch.select(rows)
-        current, values = self._score(part, with_entropy=algo.entropy_coef > 0, with_values=targets.returns is not None)
-        loss, stats = policy_objective(
-            current.logprobs, targets.old_logp[rows], targets.ref_logp[rows], targets.advantages[rows], part.completion_mask,
-            clip_low=algo.clip_low, clip_high=algo.clip_high,
-            kl_coef_in_loss=0.0 if algo.kl_in_reward else targets.kl_coef, kl_estimator=algo.kl_estimator,
-            aggregation=algo.loss_aggregation, max_new_tokens=self.rollout.max_new_tokens,
-            importance_weights=None if targets.importance is None else targets.importance[rows],
-            entropy=current.entropy, entropy_coef=algo.entropy_coef,
-        )
-        if targets.returns is not None:
-            value_loss = alg.masked_mean(
-                alg.clipped_value_loss(values, targets.old_values[rows], targets.returns[rows], part.completion_mask,
-                                       algo.value_clip),
-                part.completion_mask,
-            )
-            loss = loss + algo.value_coef * value_loss
-            stats["value_loss"] = value_loss.detach()
-        return loss, stats
+        targets = update.prepare_targets(self.policy, batch, scores, group_sizes, self.algorithm,
+                                         kl_coef=self.kl_controller.value, baseline=self.reward_baseline)
+        return targets, scores
 
     def gradient_variance(self, batches: list, step: int) -> dict:
         """Gradient noise at the current (fixed) weights from independent batches; no update is made.
@@ -289,11 +210,16 @@ class LearnerWorker:
 
         def gradient_of_batch(index: int) -> None:
             if self.algorithm.is_differentiable:
-                loss = self._grade_loss(batches[index], step)[0]
+                # Probes draw their own noise, so measuring leaves the training RNG (and training) unchanged.
+                probe_noise = torch.Generator(device=self.shuffle_rng.device).manual_seed(
+                    self.seed * 1_000_003 + step * 1_009 + index)
+                loss = self._grade_loss(batches[index], step, probe_noise)[0]
             else:
                 samples, rewards, group_sizes = batches[index]
-                targets = self._prepare(samples, rewards, group_sizes, update_baseline=False)
-                loss = self._loss(targets, torch.arange(len(samples)))[0]
+                targets, _ = self._prepare(samples, rewards, group_sizes)
+                rows = torch.arange(len(samples))
+                loss = update.minibatch_loss(self.policy, targets, rows, alg.Normaliser.of(targets.batch.completion_mask),
+                                             self.algorithm, self.rollout.max_new_tokens)[0]
             loss.backward()
 
         result = gradient_variance(gradient_of_batch, len(batches), self.trainable_parameters)
@@ -314,7 +240,7 @@ class LearnerWorker:
         from raylign.learner.grade import peak_memory_bytes
 
         start = time.perf_counter()
-        loss, stats, generation, rows = self._grade_loss(prompts, step)
+        loss, stats, generation, rows = self._grade_loss(prompts, step, self.shuffle_rng)
         loss.backward()
         grad_norm = self._optimizer_step()
         K = self.rollout.samples_per_prompt
@@ -329,7 +255,8 @@ class LearnerWorker:
                 finish_reason="stop" if self.tokenizer.eos_token_id in ids else "length", extra=dict(prompt.extra),
             ))
         self.version += 1
-        self.kl_controller.update(float(stats["kl_sequence"]), 1)
+        # kl_horizon is in samples, as on the policy-gradient path.
+        self.kl_controller.update(float(stats["kl_sequence"]), len(rows) if self.algorithm.kl_controller == "adaptive" else 1)
         metrics = {key: float(value) for key, value in stats.items()}
         metrics.update(self._grad_norm_metrics(grad_norm))
         metrics.update({
@@ -342,8 +269,9 @@ class LearnerWorker:
         })
         return samples, metrics
 
-    def _grade_loss(self, prompts: list[PromptItem], step: int):
-        """Relaxed generation from K copies of each prompt, scored by the classifier RM's soft path."""
+    def _grade_loss(self, prompts: list[PromptItem], step: int, generator: torch.Generator):
+        """Relaxed generation from K copies of each prompt (Gumbel noise from `generator`), scored by the
+        classifier RM's soft path over the tokens of the hard text (EOS left out)."""
         from raylign.learner.grade import grade_loss, relaxed_generate, tau_at
 
         algo, K = self.algorithm, self.rollout.samples_per_prompt
@@ -351,7 +279,7 @@ class LearnerWorker:
             raise RuntimeError("GRADE needs algorithm.reward_model; attach_lora loads it")
         rows = [p for p in prompts for _ in range(K)]
         width = max(len(p.token_ids) for p in rows)
-        pad = self.tokenizer.pad_token_id
+        pad = pad_token_id(self.tokenizer)
         prompt_ids = torch.tensor([[pad] * (width - len(p.token_ids)) + p.token_ids for p in rows], device=self.device)
         prompt_mask = torch.tensor([[0] * (width - len(p.token_ids)) + [1] * len(p.token_ids) for p in rows], device=self.device)
         tau = tau_at(step, algo.tau_start, algo.tau_end, algo.anneal_steps)
@@ -359,9 +287,9 @@ class LearnerWorker:
             self.model, None, prompt_ids, prompt_mask, max_new_tokens=self.rollout.max_new_tokens, tau=tau,
             straight_through=algo.name == "grade_ste", top_k=algo.relaxed_top_k, backprop_window=algo.backprop_window,
             gradient_checkpointing=algo.gradient_checkpointing, eos_token_id=self.tokenizer.eos_token_id,
-            min_new_tokens=self.rollout.min_new_tokens, generator=self.shuffle_rng,
+            min_new_tokens=self.rollout.min_new_tokens, generator=generator,
         )
-        token_probs, mask = generation.sequence_for_reward(include_prompt=True)
+        token_probs, mask = generation.sequence_for_reward(include_prompt=True, eos_token_id=self.tokenizer.eos_token_id)
         reward = self.reward_model.reward_from_distributions(token_probs, mask)
         loss, stats = grade_loss(reward, generation.kl, generation.completion_mask, self.kl_controller.value, tau=tau,
                                  aggregation=algo.loss_aggregation, max_new_tokens=self.rollout.max_new_tokens)
@@ -408,22 +336,6 @@ class LearnerWorker:
         self.reward_baseline, self.grad_norm_history = state["reward_baseline"], state["grad_norm_history"]
         self.version = state["version"]
         return self.version
-
-
-@dataclass
-class UpdateTargets:
-    """What stays fixed while a batch is optimised: computed once under the weights that sampled it."""
-
-    batch: TokenBatch
-    old_logp: torch.Tensor
-    entropy: torch.Tensor
-    ref_logp: torch.Tensor
-    old_values: torch.Tensor | None
-    advantages: torch.Tensor
-    returns: torch.Tensor | None
-    importance: torch.Tensor | None
-    sequence_kl: torch.Tensor
-    kl_coef: float
 
 
 def learning_rate_factor(step: int, warmup: int, total: int, schedule: str) -> float:

@@ -4,7 +4,7 @@ import torch
 
 from raylign.common.types import Sample
 from raylign.learner.batching import build_token_batch, score_tokens
-from raylign.learner.objectives import policy_objective, sequence_advantages
+from raylign.learner.update import policy_objective, sequence_advantages
 
 
 def sample(prompt_ids, completion_ids, logprobs):

@@ -1,0 +1,303 @@
+"""One policy-gradient update (PPO, GRPO, REINFORCE, RLOO), readable top to bottom.
+
+    targets = prepare_targets(policy, batch, scores, group_sizes, algo, kl_coef=beta, baseline=b)
+    metrics = run_update(policy, targets, algo, micro_batch_size=m, optimizer_step=step, shuffle=rng)
+
+`prepare_targets` fixes what the update holds constant: the old policy's logprobs (for the ratio and the
+sync guard), the reference's logprobs, PPO's old values, the advantages and returns. `run_update` then
+makes `epochs` passes of `num_minibatches` optimizer steps.
+
+Micro-batches only split the work of a minibatch. Every loss term of a micro-batch is a *sum* divided by
+counts over the whole minibatch (`algorithms.Normaliser`: tokens for token means, sequences for sequence
+means), so the accumulated gradient is the minibatch's gradient whatever `micro_batch_size` is; a
+data-parallel rank would split the work the same way.
+
+With one epoch and one minibatch, and when the advantages do not depend on the policy's logprobs (not
+PPO, KL not in the reward), the weights that score the training forward are the weights that sampled the
+batch, so the old logprobs are that forward's own (detached) logprobs: no extra pass, and the sync guard
+stays exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from raylign.common.config import AlgorithmConfig
+from raylign.learner import algorithms as alg
+from raylign.learner.batching import TokenBatch, TokenScores, score_tokens
+
+CRITIC_ADAPTER = "critic"
+
+
+@dataclass
+class ScoringPolicy:
+    """The PEFT policy as the update sees it: how tokens are scored and where values come from.
+
+    `critic` is 'value_head' (the value head reads the policy's last hidden state) or 'separate_adapter'
+    (it reads the hidden state of the same base under the critic LoRA adapter). The reference policy is
+    the same model with every adapter disabled.
+    """
+
+    model: torch.nn.Module
+    value_head: torch.nn.Module
+    trainable_parameters: list[torch.nn.Parameter]
+    temperature: float
+    eos_token_id: int | None
+    min_new_tokens: int
+    critic: str = "value_head"
+
+    def score(self, batch: TokenBatch, *, with_entropy: bool = False, with_values: bool = False,
+              temperature: float | None = None) -> tuple[TokenScores, torch.Tensor | None]:
+        separate_critic = with_values and self.critic == "separate_adapter"
+        scores = score_tokens(
+            self.model, batch, temperature=temperature or self.temperature, eos_token_id=self.eos_token_id,
+            min_new_tokens=self.min_new_tokens, with_entropy=with_entropy,
+            with_hidden=with_values and not separate_critic,
+        )
+        if not with_values:
+            return scores, None
+        hidden = scores.hidden
+        if separate_critic:
+            with self.active_adapter(CRITIC_ADAPTER):
+                output = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
+            hidden = output.hidden_states[-1][:, :-1]
+        return scores, self.value_head(hidden.float()).squeeze(-1)
+
+    def reference_score(self, batch: TokenBatch, temperature: float | None = None) -> TokenScores:
+        with torch.no_grad(), self.model.disable_adapter():
+            return self.score(batch, temperature=temperature)[0]
+
+    @contextlib.contextmanager
+    def active_adapter(self, name: str):
+        """Run the model with adapter `name`; every LoRA parameter keeps requires_grad, so one
+        backward reaches both the policy and the critic adapter (PEFT's set_adapter would freeze the other)."""
+        self.model.set_adapter(name)
+        for parameter in self.trainable_parameters:
+            parameter.requires_grad_(True)
+        try:
+            yield
+        finally:
+            self.model.set_adapter("default")
+            for parameter in self.trainable_parameters:
+                parameter.requires_grad_(True)
+
+
+@dataclass
+class UpdateTargets:
+    """What stays fixed while a batch is optimised: computed once under the weights that sampled it.
+
+    When `old_from_training_forward` is set, `old_logp`, `entropy`, `sequence_kl` and `importance` are
+    filled in by the (single) training forward itself; read them after `run_update`.
+    """
+
+    batch: TokenBatch
+    old_logp: torch.Tensor
+    entropy: torch.Tensor
+    ref_logp: torch.Tensor
+    old_values: torch.Tensor | None
+    advantages: torch.Tensor
+    returns: torch.Tensor | None
+    importance: torch.Tensor | None
+    sequence_kl: torch.Tensor
+    kl_coef: float
+    old_from_training_forward: bool = False
+
+
+# ----- advantages -----
+
+
+def sequence_advantages(method: str, scores: torch.Tensor, group_sizes: int | list[int], *, advantage_scale: str = "std",
+                        advantage_std: str = "population", single_sample_groups: str = "zero",
+                        baseline: float | None = None) -> torch.Tensor:
+    """Advantages [B] for the sequence-level methods.
+
+    grpo: group-relative (r - mean_g) / std_g (population or unbiased std), or mean-only; rloo: r minus
+    the mean of the other samples of its group; reinforce: r minus the EMA `baseline`, which before the
+    first update (None) is this batch's mean reward. `group_sizes` is one size for equal groups or a list
+    when groups differ (invalid samples removed). A group of one has nothing to compare with: under grpo
+    and rloo its advantage is 0 (`single_sample_groups='zero'`) or its raw score ('score', as veRL).
+    """
+    if method in ("grpo", "rloo"):
+        sizes = [group_sizes] * (len(scores) // group_sizes) if isinstance(group_sizes, int) else group_sizes
+        if len(set(sizes)) == 1 and sizes[0] > 1:
+            return _group_relative(method, scores, sizes[0], advantage_scale, advantage_std)
+        lonely = torch.zeros_like if single_sample_groups == "zero" else torch.clone
+        parts = [
+            _group_relative(method, group, len(group), advantage_scale, advantage_std) if len(group) > 1 else lonely(group)
+            for group in torch.split(scores, sizes)
+        ]
+        return torch.cat(parts)
+    if method == "reinforce":
+        return scores - (baseline if baseline is not None else scores.mean())
+    raise ValueError(f"algorithm.name = '{method}' has no sequence-level advantage; use grpo, rloo or reinforce")
+
+
+def _group_relative(method: str, scores: torch.Tensor, group_size: int, advantage_scale: str, advantage_std: str) -> torch.Tensor:
+    if method == "grpo":
+        return alg.group_advantages(scores, group_size, scale=advantage_scale, std=advantage_std)
+    return alg.rloo_advantages(scores, group_size)
+
+
+def needs_old_pass(algo: AlgorithmConfig) -> bool:
+    """Whether the old logprobs need their own forward before the update (see the module docstring)."""
+    return algo.name == "ppo" or algo.kl_in_reward or algo.epochs > 1 or algo.num_minibatches > 1
+
+
+@torch.no_grad()
+def prepare_targets(policy: ScoringPolicy, batch: TokenBatch, scores: torch.Tensor, group_sizes: list[int],
+                    algo: AlgorithmConfig, *, kl_coef: float, baseline: float | None) -> UpdateTargets:
+    """Old and reference logprobs, values, advantages and returns for one batch of prompt groups."""
+    mask, is_ppo = batch.completion_mask, algo.name == "ppo"
+    ref = policy.reference_score(batch)
+    if needs_old_pass(algo):
+        old, old_values = policy.score(batch, with_entropy=True, with_values=is_ppo)
+        old_logp, entropy = old.logprobs, old.entropy
+        sequence_kl = alg.masked_sum(alg.kl_per_token(old_logp, ref.logprobs, "k1"), mask, dim=-1)
+        importance = (alg.truncated_importance_weights(old_logp, batch.behaviour_logprobs, algo.importance_sampling_cap)
+                      if algo.importance_sampling_cap is not None else None)
+    else:
+        old_values = None
+        old_logp, entropy = torch.zeros_like(ref.logprobs), torch.zeros_like(ref.logprobs)
+        sequence_kl = torch.zeros_like(scores)
+        importance = torch.ones_like(ref.logprobs) if algo.importance_sampling_cap is not None else None
+    returns = None
+    if is_ppo:
+        kl_k1 = alg.kl_per_token(old_logp, ref.logprobs, "k1")
+        token_rewards = alg.eos_rewards_with_kl(scores, kl_k1, mask, kl_coef if algo.kl_in_reward else 0.0)
+        advantages, returns = alg.gae(token_rewards, old_values, mask, algo.gamma, algo.lam)
+        advantages = alg.masked_whiten(advantages, mask)
+    else:
+        shaped = scores - kl_coef * sequence_kl if algo.kl_in_reward else scores
+        advantages = sequence_advantages(algo.name, shaped, group_sizes, advantage_scale=algo.advantage_scale,
+                                         advantage_std=algo.advantage_std,
+                                         single_sample_groups=algo.single_sample_groups, baseline=baseline)
+    return UpdateTargets(
+        batch=batch, old_logp=old_logp, entropy=entropy, ref_logp=ref.logprobs, old_values=old_values,
+        advantages=alg.clip_advantages(advantages, algo.advantage_clip), returns=returns, importance=importance,
+        sequence_kl=sequence_kl, kl_coef=kl_coef, old_from_training_forward=not needs_old_pass(algo),
+    )
+
+
+def shaped_rewards(targets: UpdateTargets, scores: torch.Tensor, algo: AlgorithmConfig) -> torch.Tensor:
+    """The sequence rewards the advantages were computed from (the REINFORCE baseline tracks their mean)."""
+    return scores - targets.kl_coef * targets.sequence_kl if algo.kl_in_reward else scores
+
+
+# ----- the loss of a part of a minibatch -----
+
+
+def minibatch_loss(policy: ScoringPolicy, targets: UpdateTargets, rows: torch.Tensor, normaliser: alg.Normaliser,
+                   algo: AlgorithmConfig, max_new_tokens: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss of rows `rows` under the current weights, as their share of a minibatch counted by `normaliser`.
+
+    loss = aggregate(clipped surrogate [* IS weight] + beta_loss * KL_estimator - c_H * entropy)
+           + c_V * token_mean(clipped value loss)
+    Summing the returned loss (and stats) over the parts of a minibatch gives the minibatch's values.
+    """
+    part = targets.batch.select(rows)
+    mask = part.completion_mask
+    with_values = targets.returns is not None
+    with_entropy = algo.entropy_coef > 0 or targets.old_from_training_forward
+    current, values = policy.score(part, with_entropy=with_entropy, with_values=with_values)
+    if targets.old_from_training_forward:
+        _fill_old_from(targets, rows, current, algo)
+    old_logp = targets.old_logp[rows]
+    importance = None if targets.importance is None else targets.importance[rows]
+
+    loss, stats = policy_objective(
+        current.logprobs, old_logp, targets.ref_logp[rows], targets.advantages[rows], mask,
+        clip_low=algo.clip_low, clip_high=algo.clip_high, kl_coef_in_loss=0.0 if algo.kl_in_reward else targets.kl_coef,
+        kl_estimator=algo.kl_estimator, aggregation=algo.loss_aggregation, max_new_tokens=max_new_tokens,
+        normaliser=normaliser, importance_weights=importance, entropy=current.entropy, entropy_coef=algo.entropy_coef,
+    )
+    if with_values:
+        value_loss = alg.aggregate_loss(
+            alg.clipped_value_loss(values, targets.old_values[rows], targets.returns[rows], mask, algo.value_clip),
+            mask, "token_mean", normaliser=normaliser)
+        loss = loss + algo.value_coef * value_loss
+        stats["value_loss"] = value_loss.detach()
+    stats["loss"] = loss.detach()
+    return loss, stats
+
+
+def policy_objective(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float,
+    clip_high: float | None,
+    kl_coef_in_loss: float,
+    kl_estimator: str,
+    aggregation: str,
+    max_new_tokens: int,
+    normaliser: alg.Normaliser | None = None,
+    importance_weights: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate [* IS weight] + kl_coef_in_loss * KL estimator - entropy_coef * entropy, aggregated.
+
+    `advantages` is [B] (sequence methods) or [B, T] (PPO with GAE). Token means and the aggregation divide
+    by `normaliser` (the minibatch these rows belong to; None: these rows alone). With kl_coef_in_loss = 0
+    the KL is still measured for logging.
+    """
+    policy_per_token, clipped = alg.clipped_surrogate_loss(logp, old_logp, advantages, clip_low, clip_high, importance_weights)
+    kl = alg.kl_per_token(logp, ref_logp, kl_estimator)
+    per_token = policy_per_token + kl_coef_in_loss * kl
+    if entropy is not None and entropy_coef > 0:
+        per_token = per_token - entropy_coef * entropy
+
+    def aggregate(x: torch.Tensor, mode: str = aggregation) -> torch.Tensor:
+        return alg.aggregate_loss(x, mask, mode, constant=max_new_tokens, normaliser=normaliser)
+
+    stats = {
+        "policy_loss": aggregate(policy_per_token).detach(),
+        "kl": aggregate(kl, "token_mean").detach(),
+        "clip_fraction": aggregate(clipped.float(), "token_mean").detach(),
+        "approx_kl": aggregate(0.5 * (logp - old_logp) ** 2, "token_mean").detach(),
+    }
+    return aggregate(per_token), stats
+
+
+@torch.no_grad()
+def _fill_old_from(targets: UpdateTargets, rows: torch.Tensor, current: TokenScores, algo: AlgorithmConfig) -> None:
+    old = current.logprobs.detach()
+    mask = targets.batch.completion_mask[rows]
+    targets.old_logp[rows] = old
+    targets.entropy[rows] = current.entropy.detach()
+    targets.sequence_kl[rows] = alg.masked_sum(alg.kl_per_token(old, targets.ref_logp[rows], "k1"), mask, dim=-1)
+    if targets.importance is not None:
+        targets.importance[rows] = alg.truncated_importance_weights(
+            old, targets.batch.behaviour_logprobs[rows], algo.importance_sampling_cap)
+
+
+# ----- the update -----
+
+
+def run_update(policy: ScoringPolicy, targets: UpdateTargets, algo: AlgorithmConfig, *, micro_batch_size: int,
+               max_new_tokens: int, optimizer_step, shuffle: torch.Generator) -> tuple[dict[str, float], list[float]]:
+    """`epochs` passes over the batch, each `num_minibatches` optimizer steps; returns the mean of each
+    minibatch's loss terms over all optimizer steps, and the gradient norm of every step.
+
+    `optimizer_step()` clips, steps and zeroes the gradients, and returns the norm before clipping.
+    """
+    size = targets.batch.input_ids.shape[0]
+    totals: dict[str, float] = {}
+    grad_norms = []
+    for _ in range(algo.epochs):
+        order = torch.randperm(size, generator=shuffle) if algo.num_minibatches > 1 else torch.arange(size)
+        for minibatch in torch.tensor_split(order, algo.num_minibatches):
+            normaliser = alg.Normaliser.of(targets.batch.completion_mask[minibatch])
+            for rows in torch.split(minibatch, micro_batch_size):
+                loss, stats = minibatch_loss(policy, targets, rows, normaliser, algo, max_new_tokens)
+                loss.backward()
+                for key, value in stats.items():
+                    totals[key] = totals.get(key, 0.0) + float(value)
+            grad_norms.append(optimizer_step())
+    return {key: value / len(grad_norms) for key, value in totals.items()}, grad_norms
