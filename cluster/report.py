@@ -1,16 +1,27 @@
 """`raylign report RUN_DIRS... --out DIR`: compare methods across seeds.
 
 Reads finished run directories (``config.yaml``, ``metrics.jsonl``, optional
-``results.json`` and ``samples.jsonl``), groups them by method and writes
+``results.json`` and ``samples.jsonl``), checks that they ran the same experiment
+(:mod:`raylign.common.comparability`), groups them by method and writes
 
-- ``comparison.json``: per method the per-seed final reward, mean, SD, 95 %
-  bootstrap and t intervals, steps to threshold, final KL and length,
-  gradient-norm statistics; Welch's t-test and Cohen's d for every pair; the
-  final reward of GRADE runs per temperature setting (``tau_ablation``) and
-  the reward per prompt category (``per_category``);
+- ``comparison.json``: the controlled fields and their values, and every
+  difference allowed (``--allow-different``) or varied (``--vary``) on purpose;
+  per method the per-seed final reward, mean, SD, 95 % bootstrap and t
+  intervals, steps to threshold, final KL and length, gradient-norm
+  statistics; Welch's t-test and Cohen's d for every pair; the final reward of
+  GRADE runs per temperature setting (``tau_ablation``) and the reward per
+  prompt category (``per_category``);
 - ``comparison.tex``: the same as a LaTeX (booktabs) table;
 - PNG plots, each skipped (and the report says why) when its inputs are absent;
-- ``report.md``: the tables and every plot.
+- ``report.md``: what differs between the runs, then the tables and every plot.
+
+Before grouping, the runs' config.yaml are compared: every run shares the
+controlled fields (model, SFT warm start, data, reward sources, sampling, sample
+budget, evaluation), and runs of one method differ only in seed, output
+directory, runtime settings and the fields named by ``--vary``. A pipeline
+stage's paths into its sibling stages (a ``pipeline.yaml`` lies beside the run
+directory) are read back as ``{stage}`` references, so one stage run at two
+pipeline seeds compares equal.
 
 A run's **method** is ``method`` in its config.yaml when present, else
 ``algorithm.name``; its **seed** is ``seed``. Its **final reward** is the test
@@ -24,8 +35,9 @@ across seeds: one final score per run, never the spread of samples in a run.
 The **τ ablation** takes the runs whose ``algorithm.name`` is ``grade`` or
 ``grade_ste``, one series per algorithm, and groups them by
 ``(algorithm.tau_start, algorithm.tau_end, algorithm.anneal_steps)``, absent
-fields at the config defaults. Runs that differ only in τ need distinct
-``method`` names when they share a seed.
+fields at the config defaults. Runs of one method that differ in τ need
+``--vary algorithm.tau_start`` (and the other τ fields they vary), or distinct
+``method`` names, which they need anyway when they share a seed.
 
 The **per-category reward** of a run is ``test/category/<category>/reward_mean``
 from results.json when every run that has categories has them there, else
@@ -42,12 +54,14 @@ import sys
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import yaml
 
 from raylign.common import statistics as stats
+from raylign.common.comparability import (Comparability, Difference, IncomparableRuns, check_comparable, method_of,
+                                          restore_pipeline_references)
 from raylign.common.config import AlgorithmConfig
 
 DPI = 100
@@ -170,7 +184,7 @@ def discover_runs(paths: list[Path]) -> list[Path]:
 
 def load_run(path: Path) -> Run:
     config = yaml.safe_load((path / "config.yaml").read_text()) or {}
-    method = config.get("method") or (config.get("algorithm") or {}).get("name")
+    method = method_of(config)
     if not method:
         raise ReportError(f"{path}/config.yaml has neither `method` nor `algorithm.name`; add `method: <name>`")
     if not isinstance(config.get("seed"), int):
@@ -186,6 +200,19 @@ def load_run(path: Path) -> Run:
     samples_path = path / "samples.jsonl"
     return Run(path, str(method), config["seed"], metrics, results, samples_path if samples_path.is_file() else None,
                config)
+
+
+def experiment_config(run: Run) -> dict:
+    """The config the comparability check reads: a pipeline stage's artefact paths back as `{stage}` references."""
+    if (run.path.parent / "pipeline.yaml").is_file():
+        return restore_pipeline_references(run.config)
+    return run.config
+
+
+def check_runs(runs: list[Run], vary: Sequence[str] = (), allow_different: Sequence[str] = ()) -> Comparability:
+    """Refuse runs that did not run the same experiment (see :func:`check_comparable`)."""
+    return check_comparable({str(run.path): experiment_config(run) for run in runs}, vary=vary,
+                            allow_different=allow_different)
 
 
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
@@ -767,10 +794,43 @@ def latex_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _difference_rows(field: str, values: dict) -> list[str]:
+    """Table rows of a field: one per distinct value, with the runs that have it; the field named in the first."""
+    rows = []
+    for i, (value, runs) in enumerate(Difference(field, values).by_value()):
+        shown = json.dumps(value).replace("|", r"\|")  # a pipe would end the table cell, even in backticks
+        rows.append(f"| {field if i == 0 else ''} | `{shown}` | {', '.join(f'`{run}`' for run in runs)} |")
+    return rows
+
+
+def comparability_section(comparability: dict) -> list[str]:
+    """report.md's first section: every difference allowed or varied on purpose, then what was held equal."""
+    lines = ["## What differs between the runs", ""]
+    kinds = [
+        ("allowed_differences", "Allowed to differ (`--allow-different`): these runs differ in more than the method, "
+         "so a difference in the numbers below may come from these fields as well."),
+        ("varied", "Varied on purpose within a method (`--vary`): a method's numbers below pool its runs across "
+         "these settings."),
+    ]
+    for key, note in kinds:
+        if comparability[key]:
+            lines += [note, "", "| field | value | runs |", "|---|---|---|"]
+            for field, values in comparability[key].items():
+                lines += _difference_rows(field, values)
+            lines.append("")
+    if not comparability["allowed_differences"] and not comparability["varied"]:
+        lines += ["Nothing: every run shares the controlled fields, and the runs of a method differ only in seed "
+                  "and in where and how they ran.", ""]
+    lines += [f"Controlled fields, held equal unless listed above: {', '.join(comparability['controlled_fields'])} "
+              "(their values: `comparability.held_equal` in `comparison.json`).", ""]
+    return lines
+
+
 def markdown_report(result: dict) -> str:
     methods = result["methods"]
     threshold = f"{result['threshold_fraction']:.0%}"
-    lines = ["# Method comparison", "", "## Runs", "", "| method | seeds | run directories |", "|---|---|---|"]
+    lines = ["# Method comparison", "", *comparability_section(result["comparability"]),
+             "## Runs", "", "| method | seeds | run directories |", "|---|---|---|"]
     for method, m in methods.items():
         dirs = ", ".join(f"`{r['run_dir']}`" for r in m["runs"])
         lines.append(f"| {method} | {', '.join(map(str, m['seeds']))} | {dirs} |")
@@ -815,18 +875,21 @@ def markdown_report(result: dict) -> str:
 
 
 def write_report(run_dirs: list[Path], out_dir: Path, *, threshold: float = 0.8, n_resamples: int = 10_000,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, vary: Sequence[str] = (), allow_different: Sequence[str] = ()) -> dict:
     """Compare the runs in ``run_dirs`` by method; write comparison.json/.tex, plots and report.md to ``out_dir``.
 
+    Runs that did not run the same experiment are refused (:class:`IncomparableRuns`) unless the fields they
+    differ in are named in ``vary`` (within a method) or ``allow_different`` (anywhere).
     Returns what comparison.json holds (non-finite numbers as None).
     """
     if not 0.0 < threshold <= 1.0:
         raise ReportError(f"threshold = {threshold}: give the share of the reward rise as a fraction in (0, 1], e.g. 0.8")
     runs = [load_run(Path(path)) for path in discover_runs([Path(p) for p in run_dirs])]
+    comparability = check_runs(runs, vary, allow_different)
     groups = group_runs(runs)
     use_test = all(run.test_reward is not None for run in runs)
     comparison = Comparison(groups, use_test, threshold, n_resamples, seed)
-    result = compare(comparison)
+    result = {"comparability": comparability.to_json(), **compare(comparison)}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots, skipped = {}, {}
@@ -857,14 +920,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="steps-to-threshold target as a share of each run's reward rise (default 0.8)")
     parser.add_argument("--bootstrap-resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
+    parser.add_argument("--vary", action="append", default=[], metavar="FIELD",
+                        help="a config field varied on purpose between runs of one method, e.g. algorithm.tau_start "
+                             "(repeatable; a section such as `algorithm` covers its fields)")
+    parser.add_argument("--allow-different", action="append", default=[], metavar="FIELD",
+                        help="a config field, controlled or not, allowed to differ anyway, e.g. model.path; listed "
+                             "first in report.md (repeatable)")
     return parser
 
 
 def run_report(args: argparse.Namespace) -> int:
     try:
-        result = write_report(args.run_dirs, args.out, threshold=args.threshold,
-                              n_resamples=args.bootstrap_resamples, seed=args.seed)
-    except ReportError as exc:
+        result = write_report(args.run_dirs, args.out, threshold=args.threshold, n_resamples=args.bootstrap_resamples,
+                              seed=args.seed, vary=args.vary, allow_different=args.allow_different)
+    except (ReportError, IncomparableRuns) as exc:
         print(f"raylign report: {exc}", file=sys.stderr)
         return 2
     for method, m in result["methods"].items():

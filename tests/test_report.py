@@ -9,6 +9,12 @@ import yaml
 
 from raylign.cluster import report
 from raylign.common import statistics as stats
+from raylign.common.comparability import TOTAL_SAMPLES, IncomparableRuns, check_comparable, restore_pipeline_references
+from raylign.common.config import config_to_yaml, load_config
+from raylign.common.pipeline_config import TrainStage, load_pipeline_config
+
+ROOT = Path(__file__).resolve().parent.parent
+PIPELINES = ROOT / "configs" / "pipelines"
 
 STEPS = 20  # the last 10 % of steps is the last 2
 # Per seed: final training reward F and ramp length L. reward_mean at step i is F·min(i, L)/L, so the last
@@ -190,18 +196,20 @@ GRADE_RUNS = [
 ]
 
 
+def write_config_run(path: Path, config: dict, test_reward: float) -> Path:
+    """A finished 10-step run with this config.yaml: the reward rises linearly to its test reward."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    rows = [{"step": i, "reward_mean": test_reward * i / 9, "loss": 1.0 - 0.1 * i} for i in range(10)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "results.json").write_text(json.dumps({"steps": 10, "test_reward": test_reward}))
+    return path
+
+
 def write_grade_runs(root: Path, runs=GRADE_RUNS) -> list[Path]:
-    paths = []
-    for method, algorithm, tau, seed, test_reward in runs:
-        path = root / f"{method}-s{seed}"
-        path.mkdir(parents=True)
-        config = {"seed": seed, "method": method, "algorithm": {"name": algorithm, **tau}}
-        (path / "config.yaml").write_text(yaml.safe_dump(config))
-        rows = [{"step": i, "reward_mean": test_reward * i / 9, "loss": 1.0 - 0.1 * i} for i in range(10)]
-        (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (path / "results.json").write_text(json.dumps({"steps": 10, "test_reward": test_reward}))
-        paths.append(path)
-    return paths
+    return [write_config_run(root / f"{method}-s{seed}",
+                             {"seed": seed, "method": method, "algorithm": {"name": algorithm, **tau}}, test_reward)
+            for method, algorithm, tau, seed, test_reward in runs]
 
 
 def test_tau_ablation_groups_grade_runs_by_temperature_schedule_and_plots_them(tmp_path):
@@ -317,3 +325,184 @@ def test_cli_writes_the_report_and_fails_with_status_2_on_a_non_run(tmp_path, ca
     (tmp_path / "empty").mkdir()
     assert report.report_main([str(tmp_path / "empty"), "--out", str(tmp_path / "out2")]) == 2
     assert "no run directory here" in capsys.readouterr().err
+
+
+# ----- comparability: only runs of the same experiment are compared -----
+
+
+def resolved(config) -> dict:
+    """What the driver writes to config.yaml: every field, defaults included."""
+    return yaml.safe_load(config_to_yaml(config))
+
+
+def pipeline_stage_configs(path: Path, root: Path, *overrides: str) -> dict[str, dict]:
+    """Each train stage's config.yaml as `raylign pipeline` writes it into root, earlier stages' artefacts stood
+    in by empty directories; root gets the pipeline.yaml a pipeline writes."""
+    config = load_pipeline_config(path, [f"output_dir={root}", *overrides])
+    root.mkdir(parents=True)
+    (root / "pipeline.yaml").write_text(config_to_yaml(config))
+    artefacts, configs = {}, {}
+    for stage in config.stages:
+        if isinstance(stage, TrainStage):
+            configs[stage.name] = resolved(stage.run_config(str(root / stage.name), config.seed, config.cluster, artefacts))
+        artefacts[stage.name] = str(root / stage.name)
+        (root / stage.name).mkdir()
+    return configs
+
+
+@pytest.fixture
+def mixed_runs(tmp_path) -> list[Path]:
+    """The issue's mixed report: a PPO run of the quickstart (built-in tiny Llama, movie-review prompts, VADER;
+    seed 0) and the PPO and REINFORCE stages of grade_imdb_tiny (an SFT model, IMDB prompts, a classifier RM; seed 42)."""
+    quickstart = tmp_path / "quickstart-ppo"
+    config = resolved(load_config(ROOT / "configs" / "quickstart.yaml", [f"output_dir={quickstart}", "algorithm.name=ppo"]))
+    stages = pipeline_stage_configs(PIPELINES / "grade_imdb_tiny.yaml", tmp_path / "grade_imdb_tiny")
+    return [write_config_run(quickstart, config, 0.5),
+            write_config_run(tmp_path / "grade_imdb_tiny" / "ppo", stages["ppo"], 0.7),
+            write_config_run(tmp_path / "grade_imdb_tiny" / "reinforce", stages["reinforce"], 0.6)]
+
+
+def test_a_report_mixing_two_experiments_is_refused_naming_runs_field_values_and_flag(mixed_runs, tmp_path, capsys):
+    quickstart, ppo, reinforce = map(str, mixed_runs)
+    with pytest.raises(IncomparableRuns) as error:
+        report.write_report(mixed_runs, tmp_path / "out")
+    message = str(error.value)
+    # controlled fields, across every run; the grade stages' paths read back as the pipeline's references
+    assert (f'model.path: "builtin:tiny-llama" in {quickstart}; "{{sft}}" in {ppo}, {reinforce} '
+            "(--allow-different model.path)") in message
+    assert (f'data.prompts: "builtin:movie-reviews" in {quickstart}; "{{rm}}/prompts.jsonl" in {ppo}, {reinforce} '
+            "(--allow-different data.prompts)") in message
+    assert (f'reward.sources: [{{"name": "vader_sentiment", "weight": 1.0, "path": null, "label": null, "options": {{}}}}] '
+            f'in {quickstart}; [{{"name": "classifier_rm", "weight": 1.0, "path": "{{rm}}", "label": null, '
+            f'"options": {{}}}}] in {ppo}, {reinforce} (--allow-different reward.sources)') in message
+    # 200 steps × 8 prompts × 4 samples against 2 × 8 × 1
+    assert (f"total_samples (train.steps × train.prompts_per_step × rollout.samples_per_prompt): 6400 in {quickstart}; "
+            f"16 in {ppo}, {reinforce} (--allow-different total_samples)") in message
+    # both PPO, so PPO's own settings must agree as well
+    assert f"algorithm.kl_coef in method 'ppo': 0.02 in {quickstart}; 0.1 in {ppo} (--vary algorithm.kl_coef)" in message
+    assert "reinforce" not in message.split("Fields differ between runs of one method")[1]
+    assert not (tmp_path / "out").exists()
+    assert report.report_main([*map(str, mixed_runs), "--out", str(tmp_path / "out")]) == 2
+    assert "raylign report: these runs did not run the same experiment." in capsys.readouterr().err
+
+
+def test_the_mixed_report_with_allow_different_lists_the_differences_in_its_first_section(mixed_runs, tmp_path):
+    quickstart, ppo, reinforce = map(str, mixed_runs)
+    allowed = ["model", "sft", "data", "rollout", "reward.sources", "algorithm", "train", "eval", "total_samples"]
+    flags = [arg for field in allowed for arg in ("--allow-different", field)]
+    out = tmp_path / "out"
+    assert report.report_main([*map(str, mixed_runs), "--out", str(out), "--bootstrap-resamples", "200", *flags]) == 0
+    result = json.loads((out / "comparison.json").read_text())
+    assert result["methods"]["ppo"]["seeds"] == [0, 42]
+    differences = result["comparability"]["allowed_differences"]
+    assert differences["model.path"] == {quickstart: "builtin:tiny-llama", ppo: "{sft}", reinforce: "{sft}"}
+    assert differences["total_samples"] == {quickstart: 6400, ppo: 16, reinforce: 16}
+    assert differences["algorithm.kl_coef"] == {quickstart: 0.02, ppo: 0.1, reinforce: 0.1}
+    held = result["comparability"]["held_equal"]
+    assert {k: held[k] for k in ("rollout.temperature", "rollout.top_p", "rollout.top_k", "eval.test_split")} == {
+        "rollout.temperature": 1.0, "rollout.top_p": 1.0, "rollout.top_k": -1, "eval.test_split": "test"}
+    assert set(held).isdisjoint(differences)
+    first, tables = (out / "report.md").read_text().split("\n## Runs\n")
+    assert first.startswith("# Method comparison\n\n## What differs between the runs\n\n"
+                            "Allowed to differ (`--allow-different`)")
+    assert (f'| model.path | `"builtin:tiny-llama"` | `{quickstart}` |\n'
+            f'|  | `"{{sft}}"` | `{ppo}`, `{reinforce}` |') in first
+    assert f"| total_samples | `6400` | `{quickstart}` |\n|  | `16` | `{ppo}`, `{reinforce}` |" in first
+    assert "| ppo | 0, 42 |" in tables and "## Final reward" in tables
+
+
+def test_seed_runs_of_one_experiment_report_that_nothing_differs(full_report):
+    result, out = full_report
+    comparability = result["comparability"]
+    assert (comparability["allowed_differences"], comparability["varied"]) == ({}, {})
+    assert comparability["held_equal"]["total_samples"] == 100 * 8 * 4  # train.steps × prompts_per_step × K defaults
+    assert comparability["controlled_fields"][:3] == ["model", "sft", "data"]
+    first = (out / "report.md").read_text().split("## Runs")[0]
+    assert "Nothing: every run shares the controlled fields" in first
+
+
+def test_a_pipelines_stages_at_two_pipeline_seeds_are_compared_without_flags(tmp_path):
+    runs = []
+    for seed in (42, 1):
+        stages = pipeline_stage_configs(PIPELINES / "grade_imdb_tiny.yaml", tmp_path / f"seed{seed}", f"seed={seed}")
+        runs += [write_config_run(tmp_path / f"seed{seed}" / name, config, 0.5) for name, config in stages.items()]
+    result = report.write_report(runs, tmp_path / "out", n_resamples=200)
+    assert {method: m["seeds"] for method, m in result["methods"].items()} == {
+        method: [1, 42] for method in ("ppo", "reinforce", "grade", "grade_ste")}
+    held = result["comparability"]["held_equal"]
+    assert (held["model.path"], held["data.prompts"], held["reward.sources"][0]["path"]) == (
+        "{sft}", "{rm}/prompts.jsonl", "{rm}")
+    assert result["comparability"]["allowed_differences"] == {}
+
+
+EQUAL_BUDGETS = {"grade_imdb", "grade_imdb_tiny", "grpo_heuristic_twitter", "grpo_heuristic_twitter_tiny"}
+
+
+@pytest.mark.parametrize("path", sorted(PIPELINES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_pipelines_methods_share_every_controlled_field_but_the_sample_budget(path, tmp_path):
+    configs = {}
+    for seed in (42, 1):
+        stages = pipeline_stage_configs(path, tmp_path / f"seed{seed}", f"seed={seed}")
+        configs |= {f"{name}@{seed}": restore_pipeline_references(config) for name, config in stages.items()}
+    comparability = check_comparable(configs, allow_different=[TOTAL_SAMPLES])
+    # PPO samples one completion per prompt, GRPO a group of K from as many prompts: K times the samples
+    assert [d.field for d in comparability.allowed] == ([] if path.stem in EQUAL_BUDGETS else [TOTAL_SAMPLES])
+
+
+def test_vary_lets_the_tau_schedule_differ_between_seeds_of_one_method(tmp_path):
+    runs = [write_config_run(tmp_path / f"grade-s{seed}", {"seed": seed, "algorithm": {"name": "grade", "tau_start": tau}},
+                             reward) for seed, tau, reward in ((1, 1.0, 0.6), (2, 2.0, 0.4), (3, 1.0, 0.8))]
+    with pytest.raises(IncomparableRuns) as error:
+        report.write_report(runs, tmp_path / "out")
+    assert (f"algorithm.tau_start in method 'grade': 1.0 in {runs[0]}, {runs[2]}; 2.0 in {runs[1]} "
+            "(--vary algorithm.tau_start)") in str(error.value)
+    result = report.write_report(runs, tmp_path / "out", vary=["algorithm.tau_start"], n_resamples=200)
+    assert result["comparability"]["varied"] == {"algorithm.tau_start": {str(runs[0]): 1.0, str(runs[1]): 2.0,
+                                                                         str(runs[2]): 1.0}}
+    assert [(row["tau_start"], row["seeds"]) for row in result["tau_ablation"]] == [(1.0, [1, 3]), (2.0, [2])]
+    first = (tmp_path / "out" / "report.md").read_text().split("## Runs")[0]
+    assert f"| algorithm.tau_start | `1.0` | `{runs[0]}`, `{runs[2]}` |\n|  | `2.0` | `{runs[1]}` |" in first
+
+
+def test_methods_may_reach_one_sample_budget_differently_but_must_sample_alike():
+    ppo = {"seed": 1, "algorithm": {"name": "ppo"}, "rollout": {"samples_per_prompt": 1}, "train": {"steps": 400}}
+    grpo = {"seed": 1, "algorithm": {"name": "grpo"}, "rollout": {"samples_per_prompt": 4}, "train": {"steps": 100}}
+    assert check_comparable({"ppo": ppo, "grpo": grpo}).held_equal[TOTAL_SAMPLES] == 400 * 8 * 1 == 100 * 8 * 4
+    grpo["rollout"]["max_new_tokens"] = 48
+    grpo["train"]["steps"] = 200
+    with pytest.raises(IncomparableRuns) as error:
+        check_comparable({"ppo": ppo, "grpo": grpo})
+    assert "rollout.max_new_tokens: 24 in ppo; 48 in grpo (--allow-different rollout.max_new_tokens)" in str(error.value)
+    assert "6400 in grpo (--allow-different total_samples)" in str(error.value)
+    allowed = check_comparable({"ppo": ppo, "grpo": grpo}, allow_different=["rollout.max_new_tokens", TOTAL_SAMPLES]).allowed
+    assert [(d.field, d.values) for d in allowed] == [("rollout.max_new_tokens", {"ppo": 24, "grpo": 48}),
+                                                      (TOTAL_SAMPLES, {"ppo": 3200, "grpo": 6400})]
+
+
+def test_a_reward_function_is_the_same_reward_as_one_source_of_weight_one():
+    as_function = {"seed": 1, "reward": {"function": "vader_sentiment"}}
+    as_source = {"seed": 2, "reward": {"sources": [{"name": "vader_sentiment", "weight": 1.0}]}}
+    assert check_comparable({"a": as_function, "b": as_source}).held_equal["reward.sources"] == [
+        {"name": "vader_sentiment", "weight": 1.0, "path": None, "label": None, "options": {}}]
+    as_source["reward"]["sources"][0]["weight"] = 0.5
+    with pytest.raises(IncomparableRuns, match=r'"weight": 0.5.* in b \(--allow-different reward.sources\)'):
+        check_comparable({"a": as_function, "b": as_source})
+
+
+def test_seeds_may_differ_in_where_and_how_they_ran():
+    first = {"seed": 1, "output_dir": "outputs/a"}
+    resumed_elsewhere = {"seed": 2, "output_dir": "outputs/b", "rollout": {"num_workers": 4, "num_gpus": 0.5},
+                         "train": {"resume_from": "outputs/b/checkpoints/step_5", "micro_batch_size": 8},
+                         "logging": {"wandb": True}, "cluster": {"address": "auto"}}
+    comparability = check_comparable({"a": first, "b": resumed_elsewhere})
+    assert (comparability.allowed, comparability.varied) == ([], [])
+
+
+def test_a_misspelt_or_controlled_field_in_vary_is_refused_with_the_fix():
+    runs = {"a": {"seed": 1}, "b": {"seed": 2}}
+    with pytest.raises(IncomparableRuns, match=r"--vary algorithm.tau_strat: no run's config has this field; "
+                                               r"did you mean algorithm.tau_start\?"):
+        check_comparable(runs, vary=["algorithm.tau_strat"])
+    with pytest.raises(IncomparableRuns, match="--vary model.path: model.path is a controlled field.*"
+                                               "pass --allow-different model.path"):
+        check_comparable(runs, vary=["model.path"])
