@@ -93,9 +93,13 @@ class RolloutConfig(Section):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; the learner scores tokens under the same temperature.")
     top_p: float = Field(
         1.0, gt=0, le=1.0,
-        description="Nucleus sampling. Must stay 1.0 for RL: the learner does not apply truncation, so truncated behaviour logprobs would not match.",
+        description=(
+            "Nucleus sampling (1.0 = off). The learner scores tokens under the same truncation, renormalised over "
+            "the kept set (vLLM's and transformers' rule, after temperature and top-k), so behaviour and learner "
+            "logprobs still agree; the KL is taken against the reference's full distribution."
+        ),
     )
-    top_k: int = Field(-1, description="Top-k sampling (-1 = off). Must stay -1 for RL, for the same reason as top_p.")
+    top_k: int = Field(-1, description="Top-k sampling (-1 = off); ties with the k-th logit are kept. The learner applies it too, like top_p.")
     threads: int = Field(1, ge=1, description="CPU threads each rollout actor's engine uses.")
     weight_sync: Literal["lora", "merged"] = Field(
         "lora",
@@ -515,11 +519,9 @@ class RunConfig(Section):
                 f"algorithm.num_minibatches = {self.algorithm.num_minibatches} exceeds the {samples} samples per step; "
                 "lower num_minibatches or raise train.prompts_per_step"
             )
-        if self.rollout.top_p != 1.0 or self.rollout.top_k != -1:
+        if self.rollout.top_k == 0 or self.rollout.top_k < -1:
             raise ValueError(
-                f"rollout.top_p = {self.rollout.top_p}, rollout.top_k = {self.rollout.top_k}: the learner scores tokens "
-                "without truncation, so truncated sampling would make behaviour and learner logprobs disagree; "
-                "set rollout.top_p=1.0 and rollout.top_k=-1 for RL"
+                f"rollout.top_k = {self.rollout.top_k}: give a positive number of tokens to keep, or -1 for no top-k"
             )
         if self.rollout.min_new_tokens > self.rollout.max_new_tokens:
             raise ValueError(

@@ -61,6 +61,33 @@ class TokenScores:
     hidden: torch.Tensor | None  # [B, L-1, H] last hidden state of each context (for value heads)
 
 
+def truncate_logits(logits: torch.Tensor, top_k: int = -1, top_p: float = 1.0,
+                    keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits [..., V] with every token outside the top-k / top-p set at -inf, the rule vLLM's and
+    transformers' samplers apply after temperature: top-k keeps every token >= the k-th largest logit
+    (ties kept); top-p then sorts ascending, and drops a token while the cumulative probability up to and
+    including it is <= 1 - top_p (the most likely token always stays).
+
+    `keep` [...] (token ids) are never dropped: a sampled token that sits exactly on the boundary, where
+    the engine's and the learner's float rounding can disagree, keeps a finite logprob.
+    """
+    if top_k <= 0 and top_p >= 1.0:
+        return logits
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    dropped = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if 0 < top_k < vocab:
+        dropped = sorted_logits < sorted_logits[..., vocab - top_k: vocab - top_k + 1]
+    if top_p < 1.0:
+        cumulative = sorted_logits.masked_fill(dropped, float("-inf")).softmax(dim=-1).cumsum(dim=-1)
+        dropped = dropped | (cumulative <= 1 - top_p)
+        dropped[..., -1] = False
+    removed = torch.zeros_like(dropped).scatter(-1, order, dropped)
+    if keep is not None:
+        removed = removed.scatter(-1, keep.unsqueeze(-1), False)
+    return logits.masked_fill(removed, float("-inf"))
+
+
 def score_tokens(
     model,
     batch: TokenBatch,
@@ -69,11 +96,14 @@ def score_tokens(
     min_new_tokens: int = 0,
     with_entropy: bool = False,
     with_hidden: bool = False,
+    top_k: int = -1,
+    top_p: float = 1.0,
 ) -> TokenScores:
     """Log-probabilities [B, L-1] of each next token under the sampling distribution.
 
-    Applies the same temperature and min-new-tokens EOS mask the rollout
-    engines sample with, so the numbers are comparable with behaviour logprobs.
+    Applies the same temperature, min-new-tokens EOS mask and top-k / top-p truncation (renormalised over
+    the kept set) the rollout engines sample with, so the numbers are comparable with behaviour logprobs.
+    Truncation applies at completion positions only; prompt positions keep the full distribution.
     """
     output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=with_hidden)
     logits = output.logits[:, :-1].float() / temperature
@@ -81,6 +111,9 @@ def score_tokens(
         too_early = (batch.completion_index >= 0) & (batch.completion_index < min_new_tokens)
         logits[..., eos_token_id] = logits[..., eos_token_id].masked_fill(too_early, float("-inf"))
     targets = batch.input_ids[:, 1:]
+    if top_k > 0 or top_p < 1.0:
+        completion = (batch.completion_index >= 0).unsqueeze(-1)
+        logits = torch.where(completion, truncate_logits(logits, top_k, top_p, keep=targets), logits)
     normaliser = torch.logsumexp(logits, dim=-1)
     logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - normaliser
     entropy = None

@@ -95,6 +95,7 @@ class LearnerWorker:
             model=self.model, value_head=self.value_head, trainable_parameters=self.trainable_parameters,
             temperature=self.rollout.temperature, eos_token_id=self.tokenizer.eos_token_id,
             min_new_tokens=self.rollout.min_new_tokens, critic=self.algorithm.critic,
+            top_k=self.rollout.top_k, top_p=self.rollout.top_p,
         )
         train = self.train_config
         self.optimizer = torch.optim.AdamW(self.trainable_parameters, lr=train.learning_rate, weight_decay=train.weight_decay)
@@ -133,7 +134,7 @@ class LearnerWorker:
         batch = build_token_batch(samples, pad_token_id(self.tokenizer)).to(self.device)
         mask = batch.completion_mask
         with torch.no_grad():
-            policy, _ = self.policy.score(batch, temperature=temperature)
+            policy, _ = self.policy.score(batch, temperature=temperature, truncate=False)
             reference = self.policy.reference_score(batch, temperature=temperature)
         kl = alg.masked_sum(alg.kl_per_token(policy.logprobs, reference.logprobs, "k3"), mask, dim=-1)
         reference_nll = -alg.masked_sum(reference.logprobs, mask) / mask.sum().clamp(min=1)

@@ -48,14 +48,19 @@ class ScoringPolicy:
     eos_token_id: int | None
     min_new_tokens: int
     critic: str = "value_head"
+    top_k: int = -1
+    top_p: float = 1.0
 
     def score(self, batch: TokenBatch, *, with_entropy: bool = False, with_values: bool = False,
-              temperature: float | None = None) -> tuple[TokenScores, torch.Tensor | None]:
+              temperature: float | None = None, truncate: bool = True) -> tuple[TokenScores, torch.Tensor | None]:
+        """Logprobs under the sampling distribution (temperature, min-token EOS mask and, with `truncate`,
+        the engines' top-k / top-p), plus values when asked."""
         separate_critic = with_values and self.critic == "separate_adapter"
         scores = score_tokens(
             self.model, batch, temperature=temperature or self.temperature, eos_token_id=self.eos_token_id,
             min_new_tokens=self.min_new_tokens, with_entropy=with_entropy,
             with_hidden=with_values and not separate_critic,
+            top_k=self.top_k if truncate else -1, top_p=self.top_p if truncate else 1.0,
         )
         if not with_values:
             return scores, None
@@ -67,8 +72,9 @@ class ScoringPolicy:
         return scores, self.value_head(hidden.float()).squeeze(-1)
 
     def reference_score(self, batch: TokenBatch, temperature: float | None = None) -> TokenScores:
+        """The reference's full (untruncated) distribution: KL(truncated policy || reference) stays finite."""
         with torch.no_grad(), self.model.disable_adapter():
-            return self.score(batch, temperature=temperature)[0]
+            return self.score(batch, temperature=temperature, truncate=False)[0]
 
     @contextlib.contextmanager
     def active_adapter(self, name: str):

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from raylign.common.types import Sample
@@ -72,3 +73,43 @@ def test_sequence_advantages_for_each_method():
     assert sequence_advantages("rloo", scores, 2).tolist() == [-2.0, 2.0, 0.0, 0.0]
     # REINFORCE: r - baseline.
     assert sequence_advantages("reinforce", scores, 2, baseline=0.5).tolist() == [0.5, 2.5, -0.5, -0.5]
+
+
+def test_truncation_keeps_top_k_ties_and_the_smallest_top_p_set_renormalised():
+    from raylign.learner.batching import truncate_logits
+
+    # probs 0.5, 0.25, 0.125, 0.125: top_p 0.7 keeps the two most likely (ascending cumsum 0.125, 0.25 <= 0.3).
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]]))
+    kept = torch.log_softmax(truncate_logits(logits, top_p=0.7), -1).exp()
+    torch.testing.assert_close(kept, torch.tensor([[2 / 3, 1 / 3, 0.0, 0.0]]), atol=1e-6, rtol=0)
+    # top_k 3 keeps both tokens tied with the 3rd largest logit.
+    assert torch.isfinite(truncate_logits(logits, top_k=3)).tolist() == [[True, True, True, True]]
+    assert torch.isfinite(truncate_logits(logits, top_k=1)).tolist() == [[True, False, False, False]]
+    # A token named in `keep` survives even when the rule drops it.
+    assert torch.isfinite(truncate_logits(logits, top_k=1, keep=torch.tensor([2])))[0, 2]
+
+
+@pytest.mark.parametrize("top_k,top_p", [(-1, 0.9), (20, 1.0), (20, 0.8), (5, 0.95)])
+def test_truncation_matches_vllms_sampler_rule(top_k, top_p):
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
+
+    from raylign.learner.batching import truncate_logits
+
+    logits = 3 * torch.randn(16, 512, generator=torch.Generator().manual_seed(top_k + int(100 * top_p)))
+    theirs = apply_top_k_top_p_pytorch(logits.clone(), torch.full((16,), top_k) if top_k > 0 else None,
+                                       torch.full((16,), top_p) if top_p < 1 else None)
+    ours = truncate_logits(logits, top_k, top_p)
+    assert torch.equal(torch.isfinite(ours), torch.isfinite(theirs))
+    torch.testing.assert_close(torch.log_softmax(ours, -1), torch.log_softmax(theirs, -1))
+
+
+def test_truncated_logprobs_apply_at_completion_positions_only():
+    batch = build_token_batch([sample([0, 1], [1, 2], [0.0, 0.0])], pad_token_id=0)
+    model = FixedLogits([math.log(0.5), math.log(0.3), math.log(0.2)])
+    full = score_tokens(model, batch).logprobs
+    truncated = score_tokens(model, batch, top_p=0.6).logprobs
+    # The prompt position (target 1) keeps the full distribution; completion targets are renormalised over the
+    # kept set {0, 1}, and target 2 is outside it but was sampled, so it is kept too.
+    torch.testing.assert_close(truncated[0, 0], full[0, 0])
+    torch.testing.assert_close(truncated[0, 1], torch.log(torch.tensor(0.3 / 0.8)))
+    torch.testing.assert_close(truncated[0, 2], torch.log(torch.tensor(0.2 / 1.0)))

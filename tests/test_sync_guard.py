@@ -56,3 +56,20 @@ def test_behaviour_logprobs_match_learner_after_publish_and_guard_fires_when_pub
 def rollout_with(rollout, update, prompt_ids, settings):
     rollout.load_update(update)
     return rollout.generate(prompts(prompt_ids), settings)
+
+
+def test_top_p_sampling_on_the_transformers_engine_keeps_the_gap_within_tolerance(warm_model_dir):
+    config = load_config("configs/quickstart.yaml", [f"model.path={warm_model_dir}", "rollout.backend=hf",
+                                                      "rollout.top_p=0.9", "rollout.top_k=40"])
+    learner = LearnerWorker(warm_model_dir, config.model, config.train, config.algorithm, config.rollout, seed=0)
+    learner.attach_lora()
+    rollout = RolloutWorker("hf", warm_model_dir)
+    rollout.load_update(learner.publish())
+    from raylign.common.types import SamplingSettings
+
+    r = config.rollout
+    settings = SamplingSettings(r.samples_per_prompt, r.max_new_tokens, r.min_new_tokens, r.temperature, r.top_p, r.top_k)
+    samples = rollout.generate(prompts(learner.tokenizer("Honestly, the movie was").input_ids), settings)
+    metrics = learner.train_step(samples, [float(i % 3) for i in range(len(samples))])
+    assert metrics["rollout/logprob_gap"] < 1e-4
+    check_sync(metrics, config.rollout.sync_tolerance, step=0)

@@ -1,6 +1,7 @@
 """vLLM rollout actors with LoRA on CPU: logprobs, versioned publishes, worker-count independence."""
 
 import copy
+import dataclasses
 
 import pytest
 import ray
@@ -124,3 +125,23 @@ def test_a_crashed_rollout_actor_is_restarted_and_loses_no_prompt(warm_model_dir
         [(s.prompt_index, s.completion_ids, s.policy_version) for s in expected]
     for worker in pool.workers:
         ray.kill(worker)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(-1, 0.9), (30, 0.9)])
+def test_top_p_and_top_k_logprobs_match_the_learners_truncated_scores(pool, top_k, top_p):
+    from transformers import AutoTokenizer
+
+    rollout, model_dir = pool
+    model = random_adapter(model_dir, seed=1)
+    publish(rollout, model, version=20)
+    settings = dataclasses.replace(rollout.settings, top_p=top_p, top_k=top_k, samples_per_prompt=2)
+    samples = rollout.generate(prompts(AutoTokenizer.from_pretrained(model_dir)), settings)
+    batch = build_token_batch(samples, pad_token_id=0)
+    mask = batch.completion_mask
+    with torch.no_grad():
+        truncated = score_tokens(model, batch, top_k=top_k, top_p=top_p).logprobs
+        untruncated = score_tokens(model, batch).logprobs
+    gap = ((truncated - batch.behaviour_logprobs).abs() * mask).sum() / mask.sum()
+    assert gap < 1e-4
+    # Without the learner's truncation the same tokens disagree by far more: the test can tell.
+    assert ((untruncated - batch.behaviour_logprobs).abs() * mask).sum() / mask.sum() > 100 * gap + 1e-3
