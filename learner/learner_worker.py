@@ -18,6 +18,7 @@ from raylign.common.prompt_completion import pad_token_id
 from raylign.learner import algorithms as alg
 from raylign.learner import update
 from raylign.learner.batching import build_token_batch
+from raylign.learner.data_parallel import SINGLE, Ranks
 from raylign.learner.sft import sft_train
 from raylign.learner.update import CRITIC_ADAPTER
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,6 +49,7 @@ class LearnerWorker:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[model.dtype]).to(self.device)
         self.optimizer: torch.optim.Optimizer | None = None
         self.version = -1
+        self.ranks = SINGLE
 
     # ----- SFT warm start (full parameters, before the adapter exists) -----
 
@@ -140,51 +142,68 @@ class LearnerWorker:
         reference_nll = -alg.masked_sum(reference.logprobs, mask) / mask.sum().clamp(min=1)
         return {"kl": float(kl.mean()), "kl_std": float(kl.std(unbiased=False)), "reference_perplexity": float(torch.exp(reference_nll))}
 
+    def join_learner_group(self, rank: int, world_size: int, group_name: str) -> int:
+        """Become rank `rank` of a data-parallel learner group (every rank calls this before attach_lora)."""
+        self.ranks = Ranks.join(rank, world_size, group_name)
+        return rank
+
     def train_step(self, samples: list[Sample], rewards: list[float], group_sizes: list[int] | None = None) -> dict:
         """One update of the configured method on a batch of prompt groups (contiguous per prompt).
 
         `group_sizes` defaults to equal groups of samples_per_prompt; groups are
-        smaller when the reward actor marked some samples invalid.
+        smaller when the reward actor marked some samples invalid. In a learner
+        group every rank gets the whole batch and works on its own rows; the
+        metrics are the whole batch's on every rank.
         """
         if self.optimizer is None:
             raise RuntimeError("attach_lora must be called before train_step")
-        algo, start = self.algorithm, time.perf_counter()
+        algo, ranks, start = self.algorithm, self.ranks, time.perf_counter()
         targets, scores = self._prepare(samples, rewards, group_sizes)
+        lengths = torch.tensor([len(s.completion_ids) for s in samples])
         losses, grad_norms = update.run_update(
             self.policy, targets, algo, micro_batch_size=self.train_config.micro_batch_size,
             max_new_tokens=self.rollout.max_new_tokens, optimizer_step=self._optimizer_step, shuffle=self.shuffle_rng,
+            completion_lengths=lengths, ranks=ranks,
         )
+        sequence_kl = ranks.gather_rows(targets.sequence_kl, targets.rows, len(samples))
         if algo.name == "reinforce":
             # The baseline starts at the first batch's mean (ema_update's first value), not at 0.
-            shaped = update.shaped_rewards(targets, scores, algo)
+            shaped = update.shaped_rewards(targets, scores, algo, ranks)
             self.reward_baseline = alg.ema_update(self.reward_baseline, float(shaped.mean()), algo.baseline_momentum)
         self.version += 1
-        self.kl_controller.update(float(targets.sequence_kl.mean()), len(samples) if algo.kl_controller == "adaptive" else 1)
+        self.kl_controller.update(float(sequence_kl.mean()), len(samples) if algo.kl_controller == "adaptive" else 1)
         mask, batch = targets.batch.completion_mask, targets.batch
         gap = (targets.old_logp - batch.behaviour_logprobs).abs()
+        tokens = float(lengths.sum())
+
+        def token_mean(x: torch.Tensor) -> float:
+            return float(ranks.sum(alg.masked_sum(x, mask))) / max(tokens, 1.0)
+
         metrics = dict(losses)
         metrics.update(self._grad_norm_metrics(grad_norms[-1]))
         metrics.update({
-            "entropy": float(alg.masked_mean(targets.entropy, mask)),
-            "kl_sequence": float(targets.sequence_kl.mean()),
+            "entropy": token_mean(targets.entropy),
+            "kl_sequence": float(sequence_kl.mean()),
             "kl_coef": targets.kl_coef,
             "kl_placement": "reward" if algo.kl_in_reward else "loss",
-            "rollout/logprob_gap": float(alg.masked_mean(gap, mask)),
-            "rollout/logprob_gap_max": float((gap * mask).max()),
-            "response_length_mean": float(mask.sum(-1).mean()),
+            "rollout/logprob_gap": token_mean(gap),
+            "rollout/logprob_gap_max": float(ranks.max((gap * mask).max())),
+            "response_length_mean": tokens / len(samples),
             "learning_rate": self.scheduler.get_last_lr()[0],
             "policy_version": self.version,
             "learn_seconds": time.perf_counter() - start,
         })
         if targets.importance is not None:
-            metrics["importance_weight_mean"] = float(alg.masked_mean(targets.importance, mask))
+            metrics["importance_weight_mean"] = token_mean(targets.importance)
         if targets.returns is not None:
-            metrics["explained_variance"] = alg.explained_variance(targets.old_values, targets.returns, mask)
+            metrics["explained_variance"] = update.explained_variance_across_ranks(
+                targets.old_values, targets.returns, mask, ranks)
         return metrics
 
     def _prepare(self, samples: list[Sample], rewards: list[float],
-                 group_sizes: list[int] | None) -> tuple[update.UpdateTargets, torch.Tensor]:
-        """The batch's fixed targets (old/reference logprobs, values, advantages) and its scores."""
+                 group_sizes: list[int] | None, ranks: Ranks | None = None) -> tuple[update.UpdateTargets, torch.Tensor]:
+        """This rank's rows' fixed targets (old/reference logprobs, values, advantages) and the batch's scores."""
+        ranks = ranks or self.ranks
         group_sizes = group_sizes or [self.rollout.samples_per_prompt] * (len(samples) // self.rollout.samples_per_prompt)
         if sum(group_sizes) != len(samples):
             raise ValueError(f"group sizes {group_sizes} do not add up to the {len(samples)} samples")
@@ -194,10 +213,12 @@ class LearnerWorker:
                 f"{len(stale)} samples come from policy version {stale[0]} but the learner is at {self.version}; "
                 "on-policy training needs every sample from the current version"
             )
-        batch = build_token_batch(samples, pad_token_id(self.tokenizer)).to(self.device)
+        rows = ranks.rows(len(samples))
+        batch = build_token_batch([samples[i] for i in rows], pad_token_id(self.tokenizer)).to(self.device)
         scores = torch.tensor(rewards, dtype=torch.float32, device=self.device)
         targets = update.prepare_targets(self.policy, batch, scores, group_sizes, self.algorithm,
-                                         kl_coef=self.kl_controller.value, baseline=self.reward_baseline)
+                                         kl_coef=self.kl_controller.value, baseline=self.reward_baseline,
+                                         rows=rows, ranks=ranks)
         return targets, scores
 
     def gradient_variance(self, batches: list, step: int) -> dict:
@@ -217,7 +238,8 @@ class LearnerWorker:
                 loss = self._grade_loss(batches[index], step, probe_noise)[0]
             else:
                 samples, rewards, group_sizes = batches[index]
-                targets, _ = self._prepare(samples, rewards, group_sizes)
+                # Measured on one rank over the whole batch (the driver asks rank 0 only).
+                targets, _ = self._prepare(samples, rewards, group_sizes, SINGLE)
                 rows = torch.arange(len(samples))
                 loss = update.minibatch_loss(self.policy, targets, rows, alg.Normaliser.of(targets.batch.completion_mask),
                                              self.algorithm, self.rollout.max_new_tokens)[0]

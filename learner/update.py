@@ -21,6 +21,7 @@ stays exact.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ import torch
 from raylign.common.config import AlgorithmConfig
 from raylign.learner import algorithms as alg
 from raylign.learner.batching import TokenBatch, TokenScores, score_tokens
+from raylign.learner.data_parallel import SINGLE, Ranks
 
 CRITIC_ADAPTER = "critic"
 
@@ -110,6 +112,11 @@ class UpdateTargets:
     sequence_kl: torch.Tensor
     kl_coef: float
     old_from_training_forward: bool = False
+    rows: torch.Tensor | None = None  # the rows of the whole batch these are (all of them on a learner alone)
+
+    def __post_init__(self):
+        if self.rows is None:
+            self.rows = torch.arange(self.batch.input_ids.shape[0])
 
 
 # ----- advantages -----
@@ -154,9 +161,16 @@ def needs_old_pass(algo: AlgorithmConfig) -> bool:
 
 @torch.no_grad()
 def prepare_targets(policy: ScoringPolicy, batch: TokenBatch, scores: torch.Tensor, group_sizes: list[int],
-                    algo: AlgorithmConfig, *, kl_coef: float, baseline: float | None) -> UpdateTargets:
-    """Old and reference logprobs, values, advantages and returns for one batch of prompt groups."""
+                    algo: AlgorithmConfig, *, kl_coef: float, baseline: float | None,
+                    rows: torch.Tensor | None = None, ranks: Ranks = SINGLE) -> UpdateTargets:
+    """Old and reference logprobs, values, advantages and returns for one batch of prompt groups.
+
+    `batch` holds this rank's rows `rows` of the whole batch (all of it on a learner alone); `scores` and
+    `group_sizes` describe the whole batch, so group-relative advantages see every sample of a group.
+    """
     mask, is_ppo = batch.completion_mask, algo.name == "ppo"
+    rows = torch.arange(len(scores)) if rows is None else rows
+    local_scores = scores[rows.to(scores.device)]
     ref = policy.reference_score(batch)
     if needs_old_pass(algo):
         old, old_values = policy.score(batch, with_entropy=True, with_values=is_ppo)
@@ -167,29 +181,61 @@ def prepare_targets(policy: ScoringPolicy, batch: TokenBatch, scores: torch.Tens
     else:
         old_values = None
         old_logp, entropy = torch.zeros_like(ref.logprobs), torch.zeros_like(ref.logprobs)
-        sequence_kl = torch.zeros_like(scores)
+        sequence_kl = torch.zeros_like(local_scores)
         importance = torch.ones_like(ref.logprobs) if algo.importance_sampling_cap is not None else None
     returns = None
     if is_ppo:
         kl_k1 = alg.kl_per_token(old_logp, ref.logprobs, "k1")
-        token_rewards = alg.eos_rewards_with_kl(scores, kl_k1, mask, kl_coef if algo.kl_in_reward else 0.0)
+        token_rewards = alg.eos_rewards_with_kl(local_scores, kl_k1, mask, kl_coef if algo.kl_in_reward else 0.0)
         advantages, returns = alg.gae(token_rewards, old_values, mask, algo.gamma, algo.lam)
-        advantages = alg.masked_whiten(advantages, mask)
+        advantages = whiten_across_ranks(advantages, mask, ranks)
     else:
-        shaped = scores - kl_coef * sequence_kl if algo.kl_in_reward else scores
+        kl_of_all = ranks.gather_rows(sequence_kl, rows, len(scores)) if algo.kl_in_reward else None
+        shaped = scores - kl_coef * kl_of_all if algo.kl_in_reward else scores
         advantages = sequence_advantages(algo.name, shaped, group_sizes, advantage_scale=algo.advantage_scale,
                                          advantage_std=algo.advantage_std,
                                          single_sample_groups=algo.single_sample_groups, baseline=baseline)
+        advantages = advantages[rows.to(advantages.device)]
     return UpdateTargets(
         batch=batch, old_logp=old_logp, entropy=entropy, ref_logp=ref.logprobs, old_values=old_values,
         advantages=alg.clip_advantages(advantages, algo.advantage_clip), returns=returns, importance=importance,
-        sequence_kl=sequence_kl, kl_coef=kl_coef, old_from_training_forward=not needs_old_pass(algo),
+        sequence_kl=sequence_kl, kl_coef=kl_coef, old_from_training_forward=not needs_old_pass(algo), rows=rows,
     )
 
 
-def shaped_rewards(targets: UpdateTargets, scores: torch.Tensor, algo: AlgorithmConfig) -> torch.Tensor:
-    """The sequence rewards the advantages were computed from (the REINFORCE baseline tracks their mean)."""
-    return scores - targets.kl_coef * targets.sequence_kl if algo.kl_in_reward else scores
+def whiten_across_ranks(x: torch.Tensor, mask: torch.Tensor, ranks: Ranks, eps: float = 1e-8) -> torch.Tensor:
+    """`algorithms.masked_whiten` with the mean and (population) variance over every rank's valid tokens."""
+    if ranks.alone:
+        return alg.masked_whiten(x, mask, eps=eps)
+    count = ranks.sum(mask.sum())
+    mean = ranks.sum(alg.masked_sum(x, mask)) / count
+    var = ranks.sum(alg.masked_sum((x - mean) ** 2, mask)) / count
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    return torch.where(mask != 0, whitened, torch.zeros_like(x))
+
+
+def explained_variance_across_ranks(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                                    ranks: Ranks = SINGLE) -> float:
+    """`algorithms.explained_variance` over every rank's valid tokens."""
+    if ranks.alone:
+        return alg.explained_variance(values, returns, mask)
+    residual = returns - values
+    sums = ranks.sum(torch.stack([mask.sum(), alg.masked_sum(returns, mask), alg.masked_sum(returns**2, mask),
+                                  alg.masked_sum(residual, mask), alg.masked_sum(residual**2, mask)]).double())
+    count, r1, r2, e1, e2 = (float(v) for v in sums)
+    var_returns = r2 / count - (r1 / count) ** 2
+    if var_returns <= 0:
+        return math.nan
+    return 1.0 - (e2 / count - (e1 / count) ** 2) / var_returns
+
+
+def shaped_rewards(targets: UpdateTargets, scores: torch.Tensor, algo: AlgorithmConfig,
+                   ranks: Ranks = SINGLE) -> torch.Tensor:
+    """The whole batch's sequence rewards the advantages were computed from (the REINFORCE baseline tracks
+    their mean)."""
+    if not algo.kl_in_reward:
+        return scores
+    return scores - targets.kl_coef * ranks.gather_rows(targets.sequence_kl, targets.rows, len(scores))
 
 
 # ----- the loss of a part of a minibatch -----
@@ -287,23 +333,35 @@ def _fill_old_from(targets: UpdateTargets, rows: torch.Tensor, current: TokenSco
 
 
 def run_update(policy: ScoringPolicy, targets: UpdateTargets, algo: AlgorithmConfig, *, micro_batch_size: int,
-               max_new_tokens: int, optimizer_step, shuffle: torch.Generator) -> tuple[dict[str, float], list[float]]:
+               max_new_tokens: int, optimizer_step, shuffle: torch.Generator, completion_lengths: torch.Tensor | None = None,
+               ranks: Ranks = SINGLE) -> tuple[dict[str, float], list[float]]:
     """`epochs` passes over the batch, each `num_minibatches` optimizer steps; returns the mean of each
     minibatch's loss terms over all optimizer steps, and the gradient norm of every step.
 
+    Minibatches are drawn over the whole batch (the same order on every rank, from the same `shuffle`
+    state); each rank works through its own rows of them, `micro_batch_size` at a time, and the
+    normaliser counts the whole minibatch from `completion_lengths` [B] (every sample's token count).
     `optimizer_step()` clips, steps and zeroes the gradients, and returns the norm before clipping.
     """
-    size = targets.batch.input_ids.shape[0]
-    totals: dict[str, float] = {}
+    local_count = targets.batch.input_ids.shape[0]
+    size = local_count if completion_lengths is None else len(completion_lengths)
+    if completion_lengths is None:
+        completion_lengths = targets.batch.completion_mask.sum(-1).cpu()
+    local_index = torch.full((size,), -1, dtype=torch.long)
+    local_index[targets.rows] = torch.arange(local_count)
+    # Every rank sums the same keys, even one that owns no row of a minibatch.
+    keys = ["loss", "policy_loss", "kl", "clip_fraction", "approx_kl"] + (["value_loss"] if targets.returns is not None else [])
+    totals = torch.zeros(len(keys), dtype=torch.float64)
     grad_norms = []
     for _ in range(algo.epochs):
         order = torch.randperm(size, generator=shuffle) if algo.num_minibatches > 1 else torch.arange(size)
         for minibatch in torch.tensor_split(order, algo.num_minibatches):
-            normaliser = alg.Normaliser.of(targets.batch.completion_mask[minibatch])
-            for rows in torch.split(minibatch, micro_batch_size):
+            normaliser = alg.Normaliser(tokens=float(completion_lengths[minibatch].sum()), sequences=len(minibatch))
+            mine = local_index[minibatch]
+            for rows in torch.split(mine[mine >= 0], micro_batch_size):
                 loss, stats = minibatch_loss(policy, targets, rows, normaliser, algo, max_new_tokens)
                 loss.backward()
-                for key, value in stats.items():
-                    totals[key] = totals.get(key, 0.0) + float(value)
+                totals += torch.stack([stats[key].detach().double().cpu() for key in keys])
+            ranks.sum_gradients(policy.trainable_parameters)
             grad_norms.append(optimizer_step())
-    return {key: value / len(grad_norms) for key, value in totals.items()}, grad_norms
+    return {key: float(value) / len(grad_norms) for key, value in zip(keys, ranks.sum(totals))}, grad_norms

@@ -1,0 +1,65 @@
+"""A data-parallel learner group gives the update of one learner: 2 ranks vs 1 on the same batch."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import ray
+import torch
+
+from raylign.common.config import load_config
+from raylign.common.lora import adapter_state_dict
+from raylign.learner.learner_worker import LearnerWorker
+from tests.test_composed_update import COMPLETION_LENGTHS, K, REWARDS, fixed_samples
+
+
+def start_learners(model_dir: str, count: int, overrides: list[str]) -> list:
+    config = load_config("configs/quickstart.yaml", [f"model.path={model_dir}", "rollout.backend=hf",
+                                                      f"rollout.samples_per_prompt={K}", "train.prompts_per_step=3",
+                                                      "rollout.max_new_tokens=9", *overrides])
+    actor = ray.remote(LearnerWorker).options(num_cpus=1)
+    learners = [actor.remote(model_dir, config.model, config.train, config.algorithm, config.rollout, 0)
+                for _ in range(count)]
+    group = f"test-{uuid.uuid4().hex[:8]}"
+    ray.get([learner.join_learner_group.remote(rank, count, group) for rank, learner in enumerate(learners)])
+    ray.get([learner.attach_lora.remote() for learner in learners])
+    return learners
+
+
+def two_steps(learners, batch) -> tuple[list[dict], dict]:
+    metrics = []
+    for _ in range(2):
+        for sample in batch:
+            sample.policy_version = len(metrics)
+        metrics.append(ray.get([learner.train_step.remote(batch, REWARDS) for learner in learners]))
+    adapters = [adapter_state_dict(update.files) for update in ray.get([l.publish.remote() for l in learners])]
+    return metrics, adapters
+
+
+@pytest.mark.parametrize("overrides", [
+    ["algorithm.name=grpo", "train.micro_batch_size=4"],
+    ["algorithm.name=ppo", "algorithm.num_minibatches=2", "algorithm.epochs=2", "train.micro_batch_size=3"],
+    ["algorithm.name=reinforce", "algorithm.loss_aggregation=seq_mean_token_mean"],
+], ids=["grpo", "ppo-minibatches", "reinforce"])
+def test_two_learners_make_the_update_of_one(ray_session, tiny_model_dir, overrides):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batch = fixed_samples([tokenizer(p).input_ids for p in ["the movie was", "I watched this and the plot", "Overall"]])
+    assert len(batch) == len(COMPLETION_LENGTHS)
+    # Random first steps move the adapter, so the second step differentiates a policy that differs from the reference.
+    one_metrics, (one,) = two_steps(start_learners(tiny_model_dir, 1, overrides), batch)
+    two_metrics, (first, second) = two_steps(start_learners(tiny_model_dir, 2, overrides), batch)
+    # Every rank holds the same adapter, and it is the single learner's.
+    for name, value in one.items():
+        assert torch.equal(first[name], second[name])
+        torch.testing.assert_close(first[name], value, atol=1e-5, rtol=1e-4)
+    assert any(float(v.abs().max()) > 0 for n, v in one.items() if "lora_B" in n)
+    # ... and so are the metrics, on every rank.
+    for step in range(2):
+        for key in ("loss", "policy_loss", "kl", "grad_norm", "entropy", "kl_sequence", "rollout/logprob_gap",
+                    "response_length_mean"):
+            expected = one_metrics[step][0][key]
+            for rank in range(2):
+                assert two_metrics[step][rank][key] == pytest.approx(expected, rel=1e-4, abs=1e-6), (step, rank, key)
