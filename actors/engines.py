@@ -1,8 +1,9 @@
 """Generation engines behind the rollout actor: vLLM and transformers.
 
 Both return, per prompt, K completions with the log-probability of every
-sampled token under the sampling distribution (temperature and min-token
-masking applied, no truncation), so the learner can recompute the same numbers.
+sampled token under the distribution it was sampled from (`common.sampling`:
+temperature, the min-tokens EOS mask, top-k/top-p), so the learner can
+recompute the same numbers.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from typing import Protocol
 
 import torch
 
+from raylign.common.engine_support import VllmSupport, plan_engine, query_vllm_registry
 from raylign.common.lora import adapter_lora_config, adapter_state_dict, load_merged_weights, write_adapter
+from raylign.common.model_checks import load_tokenizer, model_architecture
+from raylign.common.prompt_completion import pad_token_id
+from raylign.common.sampling import processed_logprobs
 from raylign.common.types import AdapterUpdate, Completion, MergedWeightsUpdate, PromptItem, SamplingSettings
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,14 +38,20 @@ class RolloutEngine(Protocol):
 
 
 class HFEngine:
-    """transformers `generate` on a PEFT model; the reference implementation, slow but simple."""
+    """transformers on a PEFT model, decoding a batch of prompts together; the reference implementation.
 
-    def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu"):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    Each prompt draws its samples from its own generator seeded with the prompt's seed, so its completions do
+    not depend on which prompts share its batch. Prompts are left-padded (position ids follow the attention
+    mask), and the logprob of every sampled token is taken from the distribution it was drawn from.
+    """
+
+    def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu", max_batch_rows: int = 64):
+        from transformers import AutoModelForCausalLM
 
         self.device = torch.device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokenizer = load_tokenizer(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype]).to(self.device).eval()
+        self.max_batch_rows = max_batch_rows
 
     def load_adapter(self, update: AdapterUpdate) -> None:
         from peft import PeftModel, get_peft_model, set_peft_model_state_dict
@@ -62,44 +73,52 @@ class HFEngine:
         for name, tensor in weights.items():
             parameters[name].copy_(tensor)
 
-    @torch.no_grad()
     def generate(self, prompts: list[PromptItem], settings: SamplingSettings) -> list[list[Completion]]:
+        per_batch = max(1, self.max_batch_rows // settings.samples_per_prompt)
         results = []
-        eos_id = self.tokenizer.eos_token_id
-        for prompt in prompts:
-            # One call per prompt with its own seed: samples do not depend on how prompts were batched.
-            torch.manual_seed(prompt.seed)
-            input_ids = torch.tensor([prompt.token_ids], device=self.device)
-            out = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                do_sample=True,
-                temperature=settings.temperature,
-                top_p=settings.top_p,
-                top_k=settings.top_k if settings.top_k > 0 else 0,
-                max_new_tokens=settings.max_new_tokens,
-                min_new_tokens=settings.min_new_tokens,
-                num_return_sequences=settings.samples_per_prompt,
-                output_scores=True,
-                return_dict_in_generate=True,
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=eos_id,
-            )
-            new_tokens = out.sequences[:, input_ids.shape[1]:]
-            # `scores` are the processed logits the sampler drew from (temperature, min-token mask).
-            logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)
-            token_logprobs = logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
-            completions = []
-            for row in range(new_tokens.shape[0]):
-                ids = new_tokens[row].tolist()
-                length = ids.index(eos_id) + 1 if eos_id in ids else len(ids)
-                completions.append(Completion(
-                    token_ids=ids[:length],
-                    logprobs=token_logprobs[row, :length].tolist(),
-                    finish_reason="stop" if eos_id in ids else "length",
-                ))
-            results.append(completions)
+        for start in range(0, len(prompts), per_batch):
+            results.extend(self._generate_batch(prompts[start:start + per_batch], settings))
         return results
+
+    @torch.no_grad()
+    def _generate_batch(self, prompts: list[PromptItem], settings: SamplingSettings) -> list[list[Completion]]:
+        k, eos_id = settings.samples_per_prompt, self.tokenizer.eos_token_id
+        rows = [prompt.token_ids for prompt in prompts for _ in range(k)]
+        width = max(len(ids) for ids in rows)
+        pad = pad_token_id(self.tokenizer)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + list(ids) for ids in rows], device=self.device)
+        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in rows], device=self.device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        generators = [torch.Generator(device=self.device).manual_seed(prompt.seed) for prompt in prompts]
+        finished = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
+        tokens, logprobs, past = [], [], None
+        for step in range(settings.max_new_tokens):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            step_logprobs = processed_logprobs(
+                out.logits[:, -1], temperature=settings.temperature, step=step, min_new_tokens=settings.min_new_tokens,
+                eos_token_id=eos_id, top_k=settings.top_k, top_p=settings.top_p,
+            )
+            probabilities = step_logprobs.exp()
+            sampled = torch.cat([torch.multinomial(probabilities[i * k:(i + 1) * k], 1, generator=generator)
+                                 for i, generator in enumerate(generators)]).squeeze(-1)
+            tokens.append(sampled)
+            logprobs.append(step_logprobs.gather(-1, sampled.unsqueeze(-1)).squeeze(-1))
+            if eos_id is not None:
+                finished |= sampled == eos_id
+            if finished.all():
+                break
+            input_ids = sampled.unsqueeze(-1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(input_ids)], dim=-1)
+            position_ids = position_ids[:, -1:] + 1
+        new_tokens, token_logprobs = torch.stack(tokens, dim=1).tolist(), torch.stack(logprobs, dim=1).tolist()
+        completions = []
+        for row, ids in enumerate(new_tokens):
+            length = ids.index(eos_id) + 1 if eos_id in ids else len(ids)
+            completions.append(Completion(token_ids=ids[:length], logprobs=token_logprobs[row][:length],
+                                          finish_reason="stop" if eos_id in ids else "length"))
+        return [completions[i * k:(i + 1) * k] for i in range(len(prompts))]
 
 
 class VLLMEngine:
@@ -112,23 +131,17 @@ class VLLMEngine:
     def __init__(
         self,
         model_path: str,
+        max_model_len: int,
         dtype: str = "float32",
         seed: int = 0,
         max_lora_rank: int = 8,
-        max_model_len: int = 256,
         gpu_memory_utilization: float = 0.4,
         keep_versions: int = 1,
         enable_lora: bool = True,
     ):
         from vllm import LLM
-        from vllm.platforms import current_platform
 
-        if not enable_lora and current_platform.is_cpu():
-            raise ValueError(
-                "rollout.weight_sync = 'merged' does not work with vLLM's CPU engine: it repacks linear weights at "
-                "load time and drops the originals, so they cannot be overwritten. Use rollout.weight_sync=lora, or "
-                "rollout.backend=hf, or a GPU build of vLLM"
-            )
+        check_vllm_serves(model_path, "lora" if enable_lora else "merged")
         lora_args = {"max_lora_rank": max_lora_rank, "max_loras": keep_versions + 1} if enable_lora else {}
         self.llm = LLM(
             model=model_path,
@@ -207,3 +220,12 @@ class VLLMEngine:
 
     def close(self) -> None:
         shutil.rmtree(self.adapter_root, ignore_errors=True)
+
+
+def check_vllm_serves(model_path: str, weight_sync: str) -> None:
+    """Refuse, before vLLM starts, an architecture or weight sync the installed vLLM cannot serve (the driver
+    decides the same way at start-up; this guards direct use of the engine)."""
+    architecture = model_architecture(model_path)
+    if architecture is not None:
+        support = VllmSupport(architecture=architecture, **query_vllm_registry(architecture))
+        plan_engine("vllm", weight_sync, architecture, support)

@@ -24,27 +24,32 @@ class RolloutWorker:
         device: str = "cpu",
         weight_sync: str = "lora",
         keep_versions: int = 1,
+        max_model_len: int = 256,
+        hf_max_batch_rows: int = 64,
     ):
+        """`backend` and `weight_sync` as decided at start-up (`common.engine_support`); `max_model_len` is the
+        context the vLLM engine reserves (prompt budget + max_new_tokens)."""
         # vLLM reads these at import time; the engine runs in this process so
         # Ray's CPU accounting is the real one.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         import torch
-        from transformers import AutoTokenizer
+
+        from raylign.common.model_checks import load_tokenizer
 
         torch.set_num_threads(threads)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokenizer = load_tokenizer(model_path)
         if backend == "vllm":
             from raylign.actors.engines import VLLMEngine
 
-            self.engine = VLLMEngine(model_path, dtype=dtype, seed=seed, max_lora_rank=lora_rank,
-                                     gpu_memory_utilization=gpu_memory_utilization, keep_versions=keep_versions,
-                                     enable_lora=weight_sync == "lora")
+            self.engine = VLLMEngine(model_path, max_model_len=max_model_len, dtype=dtype, seed=seed,
+                                     max_lora_rank=lora_rank, gpu_memory_utilization=gpu_memory_utilization,
+                                     keep_versions=keep_versions, enable_lora=weight_sync == "lora")
         elif backend == "hf":
             from raylign.actors.engines import HFEngine
 
-            self.engine = HFEngine(model_path, dtype=dtype, device=device)
+            self.engine = HFEngine(model_path, dtype=dtype, device=device, max_batch_rows=hf_max_batch_rows)
         else:
             raise ValueError(f"rollout.backend = '{backend}' is not supported; use 'vllm' or 'hf'")
         self.policy_version: int | None = None

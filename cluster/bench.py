@@ -22,7 +22,8 @@ def bench_rollout(config_path: str, overrides: list[str], worker_counts: list[in
 
     import ray
 
-    from raylign.cluster.driver import make_prompt_sampler, resolve_model_path, train
+    from raylign.cluster.driver import make_prompt_sampler, prepare_run, resolve_model_path, train
+    from raylign.cluster.prompts import PromptEncoder
     from raylign.cluster.ray_setup import start_ray
     from raylign.cluster.rollout_pool import RolloutPool
     from raylign.learner.learner_worker import LearnerWorker
@@ -32,15 +33,16 @@ def bench_rollout(config_path: str, overrides: list[str], worker_counts: list[in
                                        f"rollout.num_workers={max(worker_counts)}"])
     start_ray(config)
     model_path = resolve_model_path(config, workdir)
+    config, engine = prepare_run(config, model_path)
     learner = ray.remote(LearnerWorker).options(num_cpus=config.train.num_cpus).remote(
         model_path, config.model, config.train, config.algorithm, config.rollout, config.seed)
     ray.get(learner.attach_lora.remote())
-    sampler = make_prompt_sampler(config, model_path, workdir)
-    batch = sampler.next_batch(prompts, step=0)
+    encoder = PromptEncoder(config, model_path)
+    batch = make_prompt_sampler(config, encoder, workdir).next_batch(prompts, step=0)
 
     throughput = {}
     for count in worker_counts:
-        pool = RolloutPool(config, model_path, num_workers=count)
+        pool = RolloutPool(config, model_path, num_workers=count, max_model_len=encoder.max_model_len())
         pool.publish(learner.publish.remote())
         pool.generate(batch)  # warm-up: first call compiles and allocates
         seconds, tokens = [], 0
@@ -76,8 +78,8 @@ def bench_rollout(config_path: str, overrides: list[str], worker_counts: list[in
     return {
         "benchmark": "rollout",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "backend": config.rollout.backend,
-        "weight_sync": config.rollout.weight_sync,
+        "backend": engine.backend,
+        "weight_sync": engine.weight_sync,
         "model": config.model.path,
         "prompts_per_batch": prompts,
         "samples_per_prompt": config.rollout.samples_per_prompt,

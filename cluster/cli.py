@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from raylign.common.config import ConfigError, describe_fields, fields_help, load_config
+from raylign.common.tiny_model import FAMILIES
 
 
 def _config_help() -> str:
@@ -29,9 +30,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("pipeline", help="run named stages (SFT -> RM -> RL/DPO) from one config", add_help=False)
     commands.add_parser("judge", help="LLM-as-judge win rate of one run's samples against another's", add_help=False)
 
-    tiny = commands.add_parser("tiny-model", help="build a tiny random causal LM and BPE tokenizer offline")
+    tiny = commands.add_parser(
+        "tiny-model", help="build a tiny random twin of a real model family (and its tokenizer) offline",
+        description=(
+            "Build a ~0.5M-parameter random model with the family's real architecture class and module names, "
+            "tied embeddings where the real model ties them, and a BPE tokenizer trained on the built-in reviews "
+            "with the real tokenizer's quirks (special tokens, BOS, pad token, chat template). The same twins "
+            "are model.path: builtin:tiny-<family>."
+        ),
+        epilog="families:\n" + "\n".join(f"  {f.name:<8} {f.architecture:<20} {f.real_model}" for f in FAMILIES.values()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     tiny.add_argument("output", help="directory to write the model and tokenizer to")
-    tiny.add_argument("--arch", choices=["llama", "qwen2", "gpt2"], default="llama", help="model architecture")
+    tiny.add_argument("--like", choices=list(FAMILIES), default="llama", help="the model family to copy")
     tiny.add_argument("--seed", type=int, default=0, help="seed for the tokenizer corpus and the weights")
     return parser
 
@@ -58,16 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "tiny-model":
         from raylign.common.tiny_model import build_tiny_model
 
-        print(build_tiny_model(args.output, arch=args.arch, seed=args.seed))
+        print(build_tiny_model(args.output, family=args.like, seed=args.seed))
         return 0
     try:
         config = load_config(args.config, args.overrides)
+        from raylign.cluster.driver import train_each_seed
+
+        runs = train_each_seed(config)
     except ConfigError as exc:
         print(f"raylign: {exc}", file=sys.stderr)
         return 2
-    from raylign.cluster.driver import train_each_seed
-
-    for results in train_each_seed(config):
+    for results in runs:
         print(
             f"done: {results['steps']} steps, reward {results['reward_first_10pct']:.3f} (first 10%) -> "
             f"{results['reward_last_10pct']:.3f} (last 10%); outputs in {results['output_dir']}"

@@ -8,22 +8,27 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import ray
 
 from raylign.actors.reward_worker import check_invalid_fraction
-from raylign.cluster.evaluation import Evaluator
-from raylign.cluster.prompts import PromptCursor, PromptSampler
+from raylign.cluster.evaluation import Evaluator, load_eval_prompts
+from raylign.cluster.prompts import PromptCursor, PromptEncoder, PromptSampler
 from raylign.cluster.ray_setup import start_ray
 from raylign.cluster.reward_pool import RewardPool
 from raylign.cluster.rollout_pool import RolloutPool
-from raylign.common.config import BUILTIN_MODEL_PREFIX, RunConfig, config_to_yaml
+from raylign.common.config import ConfigError, RunConfig, config_to_yaml
 from raylign.common.data import load_columns, load_text_column
+from raylign.common.engine_support import EnginePlan, engine_plan
+from raylign.common.model_checks import check_has_tokenizer, check_lora_targets, hub_model_architecture
 from raylign.common.run_logging import RunLogger
 from raylign.common.statistics import steps_to_threshold
+from raylign.common.tiny_model import resolve_builtin_model
 from raylign.common.types import Sample
 from raylign.learner.learner_worker import LearnerWorker
 
@@ -58,6 +63,15 @@ def train(config: RunConfig) -> dict:
 
 def run_training(config: RunConfig, output_dir: Path, actors: list) -> dict:
     model_path = resolve_model_path(config, output_dir)
+    config, engine = prepare_run(config, model_path)
+    # Every prompt set is tokenised and fitted to the budget before any actor starts: a set that cannot fit is
+    # refused now, not after the warm start. The warm-started model keeps the base model's tokenizer.
+    with user_errors():
+        encoder = PromptEncoder(config, model_path)
+        sampler = make_prompt_sampler(config, encoder, output_dir)
+        # Gradient-variance probes draw their own prompts, so measuring never changes what training sees.
+        probe_sampler = make_prompt_sampler(config, encoder, output_dir, seed=config.seed + 7919)
+        eval_prompts = load_eval_prompts(config, output_dir, encoder)
     resume = read_resume_state(config, output_dir)
     if resume is not None and config.sft.steps > 0:
         model_path = str(output_dir / "sft_model")  # the warm-started base the checkpoint's adapter belongs to
@@ -71,13 +85,10 @@ def run_training(config: RunConfig, output_dir: Path, actors: list) -> dict:
         model_path, sft_metrics = warm_start(config, learner, output_dir)
     ray.get(learner.attach_lora.remote())
 
-    rollouts = RolloutPool(config, model_path)
+    rollouts = RolloutPool(config, model_path, max_model_len=encoder.max_model_len())
     rewards = RewardPool(config.reward)
     actors.extend([*rollouts.workers, *rewards.workers])
-    sampler = make_prompt_sampler(config, model_path, output_dir)
-    # Gradient-variance probes draw their own prompts, so measuring never changes what training sees.
-    probe_sampler = make_prompt_sampler(config, model_path, output_dir, seed=config.seed + 7919)
-    evaluator = Evaluator(config, model_path, output_dir, rollouts, rewards, learner)
+    evaluator = Evaluator(config, output_dir, rollouts, rewards, learner, eval_prompts)
     history: list[dict] = []
     first_step = 0
     if resume is not None:
@@ -124,6 +135,7 @@ def run_training(config: RunConfig, output_dir: Path, actors: list) -> dict:
                 **learner_metrics,
                 "time/learner_compute_s": learner_seconds,
                 "rollout/restarts": rollouts.restarts,
+                "data/truncated_prompts": sum(prompt.truncated for prompt in prompts),
             }
             if evaluator.validation_due(step):
                 metrics.update(evaluator.validate(step, policy))
@@ -139,6 +151,8 @@ def run_training(config: RunConfig, output_dir: Path, actors: list) -> dict:
     finally:
         logger.close()
     results = summarise(history, time.perf_counter() - run_start, sft_metrics, final_checkpoint, output_dir)
+    results["rollout_engine"] = engine.to_dict()
+    results["prompts"] = encoder.summary()
     results.update(test_metrics)
     results.update(evaluator.best_summary())
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -211,12 +225,30 @@ def group_sizes_of(valid: list[Sample], samples: list[Sample], group_size: int) 
 
 def resolve_model_path(config: RunConfig, output_dir: Path) -> str:
     """Build a built-in tiny model into the run directory; other paths pass through."""
-    if not config.model.path.startswith(BUILTIN_MODEL_PREFIX):
-        return config.model.path
-    from raylign.common.tiny_model import build_tiny_model
+    return resolve_builtin_model(config.model.path, output_dir / "base_model", config.seed)
 
-    arch = config.model.path[len(BUILTIN_MODEL_PREFIX):].removeprefix("tiny-")
-    return str(build_tiny_model(output_dir / "base_model", arch=arch, seed=config.seed))
+
+@contextmanager
+def user_errors():
+    """Checks of what the user gave (model, data, config against both) raise ValueError naming field, value
+    and fix; at start-up they become ConfigError, which the CLI reports as one message with exit status 2."""
+    try:
+        yield
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def prepare_run(config: RunConfig, model_path: str) -> tuple[RunConfig, EnginePlan]:
+    """Start-up checks of the model against the config, and the rollout engine it gets (logged once,
+    recorded in results.json): the config with rollout.backend and rollout.weight_sync decided, and the plan."""
+    with user_errors():
+        check_has_tokenizer(model_path, "model.path")
+        check_lora_targets(model_path, config.model.lora.target_modules, "model.lora.target_modules")
+        plan = engine_plan(config.rollout.backend, config.rollout.weight_sync, hub_model_architecture(model_path))
+    print(f"[raylign] rollout engine: {plan.backend}, weight sync {plan.weight_sync} ({plan.reason})",
+          file=sys.stderr, flush=True)
+    rollout = config.rollout.model_copy(update={"backend": plan.backend, "weight_sync": plan.weight_sync})
+    return config.model_copy(update={"rollout": rollout}), plan
 
 
 def warm_start(config: RunConfig, learner, output_dir: Path) -> tuple[str, dict]:
@@ -227,16 +259,18 @@ def warm_start(config: RunConfig, learner, output_dir: Path) -> tuple[str, dict]
     return sft_dir, metrics
 
 
-def make_prompt_sampler(config: RunConfig, model_path: str, output_dir: Path, seed: int | None = None) -> PromptSampler:
+def make_prompt_sampler(config: RunConfig, encoder: PromptEncoder, output_dir: Path, seed: int | None = None) -> PromptSampler:
+    """The training prompts (data.split), fitted to the prompt budget, in a seeded order."""
     texts = load_text_column(config.data.prompts, config.data.prompt_field, config.data.split, data_dir=output_dir / "data")
     if config.data.max_prompts is not None:
         texts = texts[: config.data.max_prompts]
-    token_ids = tokenize_prompts(model_path, texts, config.data.chat_template)
+    fitted = encoder.encode(texts, config.data.split)
     extras = None
     if config.data.extra_fields:
         columns = load_columns(config.data.prompts, config.data.extra_fields, config.data.split, data_dir=output_dir / "data")
-        extras = [{name: values[i] for name, values in columns.items()} for i in range(len(texts))]
-    return PromptSampler(texts, token_ids, config.seed if seed is None else seed, extras)
+        extras = [{name: values[i] for name, values in columns.items()} for i in fitted.kept]
+    return PromptSampler([texts[i] for i in fitted.kept], fitted.token_ids, config.seed if seed is None else seed, extras,
+                         fitted.truncated)
 
 
 def measure_gradient_variance(config: RunConfig, learner, rollouts: RolloutPool, rewards: RewardPool,
@@ -262,16 +296,6 @@ def measure_gradient_variance(config: RunConfig, learner, rollouts: RolloutPool,
     with (output_dir / "gradient_variance.jsonl").open("a") as f:
         f.write(json.dumps(result) + "\n")
     return result
-
-
-def tokenize_prompts(model_path: str, texts: list[str], chat_template: bool | None) -> list[list[int]]:
-    """Prompt token ids, tokenised once here so every engine sees exactly the same ids."""
-    from transformers import AutoTokenizer
-
-    from raylign.common.prompt_completion import encode_prompt
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    return [encode_prompt(tokenizer, text, chat_template=chat_template) for text in texts]
 
 
 def check_sync(learner_metrics: dict, tolerance: float, step: int) -> None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
 
+from raylign.cluster.prompts import PromptEncoder
 from raylign.common.config import RunConfig
 from raylign.common.data import load_text_column
 from raylign.common.eval_metrics import distinct_n, pass_at_k, self_bleu
@@ -22,8 +24,52 @@ from raylign.common.types import PromptItem, Sample, SamplingSettings
 EVAL_SEED_OFFSET = 1_000_000_007
 
 
+@dataclass
+class EvalPrompts:
+    """The fixed validation and test prompts of a run, and each prompt's category (data.category_field)."""
+
+    val: list[PromptItem] = field(default_factory=list)
+    test: list[PromptItem] = field(default_factory=list)
+    categories: dict[str, str] = field(default_factory=dict)  # prompt text -> category
+
+
+def load_eval_prompts(config: RunConfig, output_dir: Path, encoder: PromptEncoder) -> EvalPrompts:
+    """Validation and test prompts (disjoint from each other and from training), fitted to the run's prompt budget."""
+    data, eval_config = config.data, config.eval
+    if not (eval_config.every or eval_config.run_test):
+        return EvalPrompts()
+    data_dir = output_dir / "data"
+    train = set(load_text_column(data.prompts, data.prompt_field, data.split, data_dir=data_dir))
+    val = load_text_column(data.prompts, data.prompt_field, eval_config.val_split, data_dir=data_dir)[: eval_config.val_samples]
+    test = load_text_column(data.prompts, data.prompt_field, eval_config.test_split, data_dir=data_dir)[: eval_config.test_samples]
+    overlap = (set(val) & set(test)) | (set(val) & train) | (set(test) & train)
+    if overlap:
+        raise ValueError(
+            f"eval: {len(overlap)} prompts appear in more than one of the splits '{data.split}', "
+            f"'{eval_config.val_split}', '{eval_config.test_split}' of data.prompts = '{data.prompts}' "
+            f"(e.g. {sorted(overlap)[0]!r}); give the data a 'split' column with disjoint splits, "
+            "or set eval.every=0 and eval.run_test=false"
+        )
+    prompts = EvalPrompts()
+    if data.category_field is not None:
+        for split, texts in ((eval_config.val_split, val), (eval_config.test_split, test)):
+            labels = load_text_column(data.prompts, data.category_field, split, data_dir=data_dir)[: len(texts)]
+            prompts.categories.update(zip(texts, labels))
+    prompts.val = _items(encoder, val, eval_config.val_split, offset=0)
+    prompts.test = _items(encoder, test, eval_config.test_split, offset=len(val))
+    return prompts
+
+
+def _items(encoder: PromptEncoder, texts: list[str], split: str, offset: int) -> list[PromptItem]:
+    fitted = encoder.encode(texts, split)
+    # Fixed seeds: every evaluation of every method sees the same prompts with the same noise.
+    return [PromptItem(index=i, text=texts[k], token_ids=ids, seed=(EVAL_SEED_OFFSET + offset + k) % (2**31 - 1),
+                       truncated=truncated)
+            for i, (k, ids, truncated) in enumerate(zip(fitted.kept, fitted.token_ids, fitted.truncated))]
+
+
 class Evaluator:
-    def __init__(self, config: RunConfig, model_path: str, output_dir: Path, rollouts, rewards, learner):
+    def __init__(self, config: RunConfig, output_dir: Path, rollouts, rewards, learner, prompts: EvalPrompts):
         self.config, self.output_dir = config, output_dir
         self.rollouts, self.rewards, self.learner = rollouts, rewards, learner
         eval_config = config.eval
@@ -31,41 +77,10 @@ class Evaluator:
             samples_per_prompt=eval_config.samples_per_prompt, max_new_tokens=config.rollout.max_new_tokens,
             min_new_tokens=config.rollout.min_new_tokens, temperature=eval_config.temperature,
         )
-        self.val_prompts: list[PromptItem] = []
-        self.test_prompts: list[PromptItem] = []
-        self.categories: dict[str, str] = {}  # prompt text -> category, when data.category_field is set
-        if eval_config.every or eval_config.run_test:
-            self.val_prompts, self.test_prompts = self._load_prompts(model_path)
+        self.val_prompts, self.test_prompts, self.categories = prompts.val, prompts.test, prompts.categories
         self.best_reward: float | None = None
         self.best_step: int | None = None
         self.best_policy = None
-
-    def _load_prompts(self, model_path: str) -> tuple[list[PromptItem], list[PromptItem]]:
-        data, eval_config = self.config.data, self.config.eval
-        data_dir = self.output_dir / "data"
-        train = set(load_text_column(data.prompts, data.prompt_field, data.split, data_dir=data_dir))
-        val = load_text_column(data.prompts, data.prompt_field, eval_config.val_split, data_dir=data_dir)[: eval_config.val_samples]
-        test = load_text_column(data.prompts, data.prompt_field, eval_config.test_split, data_dir=data_dir)[: eval_config.test_samples]
-        overlap = (set(val) & set(test)) | (set(val) & train) | (set(test) & train)
-        if overlap:
-            raise ValueError(
-                f"eval: {len(overlap)} prompts appear in more than one of the splits '{data.split}', "
-                f"'{eval_config.val_split}', '{eval_config.test_split}' of data.prompts = '{data.prompts}' "
-                f"(e.g. {sorted(overlap)[0]!r}); give the data a 'split' column with disjoint splits, "
-                "or set eval.every=0 and eval.run_test=false"
-            )
-        if data.category_field is not None:
-            for split, texts in ((eval_config.val_split, val), (eval_config.test_split, test)):
-                labels = load_text_column(data.prompts, data.category_field, split, data_dir=data_dir)[: len(texts)]
-                self.categories.update(zip(texts, labels))
-        return self._items(model_path, val, offset=0), self._items(model_path, test, offset=len(val))
-
-    def _items(self, model_path: str, texts: list[str], offset: int) -> list[PromptItem]:
-        from raylign.cluster.driver import tokenize_prompts
-
-        # Fixed seeds: every evaluation of every method sees the same prompts with the same noise.
-        return [PromptItem(index=i, text=t, token_ids=ids, seed=(EVAL_SEED_OFFSET + offset + i) % (2**31 - 1))
-                for i, (t, ids) in enumerate(zip(texts, tokenize_prompts(model_path, texts, self.config.data.chat_template)))]
 
     def validation_due(self, step: int) -> bool:
         every = self.config.eval.every

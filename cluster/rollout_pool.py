@@ -10,23 +10,32 @@ import ray
 from raylign.actors.rollout_worker import RolloutWorker
 from raylign.cluster.ray_setup import wait_for_restart
 from raylign.common.config import RunConfig
+from raylign.common.engine_support import engine_plan
+from raylign.common.model_checks import hub_model_architecture, max_positions
 from raylign.common.types import PromptItem, Sample, SamplingSettings
 
 
 class RolloutPool:
-    def __init__(self, config: RunConfig, model_path: str, num_workers: int | None = None):
+    def __init__(self, config: RunConfig, model_path: str, num_workers: int | None = None, max_model_len: int | None = None):
+        """`max_model_len`: the context each engine reserves (the driver's, from the fitted prompts); None takes
+        rollout.max_model_len, else the model's positions."""
         rollout = config.rollout
+        # The same decision the driver logged; an unset weight_sync (RolloutPool used on its own) is decided here.
+        self.plan = engine_plan(rollout.backend, rollout.weight_sync, hub_model_architecture(model_path))
+        if max_model_len is None:
+            max_model_len = rollout.max_model_len or max_positions(model_path)
         # A crashed actor is restarted by Ray (re-running __init__); `generate` then reloads the
         # current policy into it and re-dispatches its work item, so no prompt is lost.
         actor = ray.remote(RolloutWorker).options(num_cpus=rollout.num_cpus, num_gpus=rollout.num_gpus,
                                                   max_restarts=rollout.max_restarts)
         self.workers = [
             actor.remote(
-                backend=rollout.backend, model_path=model_path, dtype=config.model.dtype, seed=config.seed + rank,
+                backend=self.plan.backend, model_path=model_path, dtype=config.model.dtype, seed=config.seed + rank,
                 threads=rollout.threads, lora_rank=config.model.lora.r, kv_cache_gib=rollout.vllm_kv_cache_gib,
                 gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
-                device="cuda" if rollout.num_gpus > 0 else "cpu", weight_sync=rollout.weight_sync,
-                keep_versions=rollout.keep_versions,
+                device="cuda" if rollout.num_gpus > 0 else "cpu", weight_sync=self.plan.weight_sync,
+                keep_versions=rollout.keep_versions, max_model_len=max_model_len,
+                hf_max_batch_rows=rollout.hf_max_batch_rows,
             )
             for rank in range(num_workers or rollout.num_workers)
         ]

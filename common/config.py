@@ -129,6 +129,16 @@ class RolloutConfig(Section):
             "A bigger gap means the rollout actors did not pick up the new adapter, and the run stops."
         ),
     )
+    max_staleness: int = Field(
+        0, ge=0,
+        description=(
+            "Bounded staleness: rollouts for steps t+1..t+N are generated while the learner trains step t, so a "
+            "sample may come from a policy up to N versions old. 0 = exact on-policy training (the default). With "
+            "N > 0 the loss is the decoupled PPO objective (clip around the learner's current weights, times the "
+            "truncated importance weight pi_current / pi_behaviour, algorithm.importance_sampling_cap), and the sync "
+            "guard scores each sample under the adapter version that generated it (the learner keeps the last N+1)."
+        ),
+    )
 
 
 REWARD_MODEL_SOURCES = ("scalar_rm", "seqcls_rm", "classifier_rm")
@@ -404,7 +414,18 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0, description="Steps of linear learning-rate warm-up from 0.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient norm clip (grad_norm is logged before clipping).")
     grad_norm_window: int = Field(20, ge=2, description="Steps over which grad_norm_mean and grad_norm_std are computed.")
-    micro_batch_size: int = Field(32, ge=1, description="Samples per forward/backward; gradients accumulate over a step.")
+    micro_batch_size: int = Field(
+        32, ge=1,
+        description="Samples per forward/backward on each learner; gradients accumulate over a step. Never changes the result, only memory.",
+    )
+    num_learners: int = Field(
+        1, ge=1,
+        description=(
+            "Data-parallel learner actors in one STRICT_PACK placement group, joined by a gloo group: each scores "
+            "and differentiates its share of the batch, gradients are summed, every rank takes the same step and "
+            "rank 0 publishes. The update equals one learner's. Each learner gets train.num_cpus and train.num_gpus."
+        ),
+    )
     num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for the learner actor.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs for the learner actor.")
     threads: int = Field(1, ge=1, description="CPU threads the learner uses.")
@@ -514,6 +535,26 @@ class RunConfig(Section):
                 "(gradient of KL(ref || pi)) or k2 (gradient of KL(pi || ref)), or algorithm.kl_placement=reward"
             )
         samples = self.train.prompts_per_step * self.rollout.samples_per_prompt
+        if self.train.num_learners > 1 and self.algorithm.is_differentiable:
+            raise ValueError(
+                f"train.num_learners = {self.train.num_learners} with {self.algorithm.name}: GRADE generates inside "
+                "one learner and has no data-parallel split yet; set train.num_learners=1"
+            )
+        if samples < self.train.num_learners:
+            raise ValueError(
+                f"train.num_learners = {self.train.num_learners} exceeds the {samples} samples per step; every learner "
+                "needs at least one sample: lower num_learners or raise train.prompts_per_step"
+            )
+        if self.rollout.max_staleness > 0 and self.algorithm.importance_sampling_cap is None:
+            raise ValueError(
+                f"rollout.max_staleness = {self.rollout.max_staleness} needs algorithm.importance_sampling_cap: samples "
+                "from older policies are reweighted by min(pi / pi_behaviour, cap); set algorithm.importance_sampling_cap=2.0"
+            )
+        if self.rollout.max_staleness > 0 and self.algorithm.is_differentiable:
+            raise ValueError(
+                f"rollout.max_staleness = {self.rollout.max_staleness} with {self.algorithm.name}: GRADE generates in "
+                "the learner, always on-policy; set rollout.max_staleness=0"
+            )
         if samples < self.algorithm.num_minibatches:
             raise ValueError(
                 f"algorithm.num_minibatches = {self.algorithm.num_minibatches} exceeds the {samples} samples per step; "

@@ -42,6 +42,7 @@ from raylign.common.config import (
     format_validation_error,
     read_yaml_mapping,
 )
+from raylign.common.model_checks import check_has_tokenizer
 from raylign.common.preference_data import resolve_format
 
 STAGE_KINDS = ("sft", "reward_model", "dpo", "train")
@@ -60,8 +61,8 @@ class StageModelConfig(Section):
     path: str = Field(
         ...,
         description=(
-            "Base model: a local directory, a hub id (org/name), 'builtin:tiny-llama' / '-qwen2' / '-gpt2', "
-            "or an earlier stage's artefact as '{stage_name}'."
+            "Base model: a local directory, a hub id (org/name), 'builtin:tiny-<family>' (a tiny offline twin of "
+            "llama, gpt2, pythia, gemma, smollm2, qwen2 or qwen3), or an earlier stage's artefact as '{stage_name}'."
         ),
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype while training.")
@@ -141,6 +142,7 @@ class _OfflineStage(Section):
         where = f"stages.{self.name}"
         if not has_reference(self.model.path):
             check_model_path(self.model.path, field=f"{where}.model.path")
+            check_has_tokenizer(self.model.path, field=f"{where}.model.path")
         if self.model.quantization is not None:
             if self.model.lora is None:
                 raise ValueError(

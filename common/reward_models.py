@@ -312,24 +312,45 @@ class ClassifierRewardModel(_HeadRewardModel):
 class SequenceClassificationRewardModel(RewardModel):
     """transformers' sequence-classification model with one label, optionally with a LoRA adapter.
 
-    transformers pools the logit of the last non-pad token itself, which needs
-    `config.pad_token_id`; it is taken from the tokenizer when the config lacks it.
+    transformers pools the logit at the last token whose id differs from `config.pad_token_id`. That is the
+    wrong position whenever the pad id is also a real token (SmolLM2 pads with its EOS, which ends every
+    scored sequence), so for decoder classifiers (a per-position `score` head) the head's output is read at
+    the last position the attention mask marks instead; the config's pad id is only a filler.
     """
 
     kind = "seqcls"
 
     def __init__(self, model, tokenizer, max_length: int | None = None):
+        from raylign.common.prompt_completion import pad_token_id
+
         super().__init__(tokenizer, max_length or _default_max_length(tokenizer, model.config))
         if model.config.num_labels != 1:
             raise ValueError(
                 f"the sequence-classification model has num_labels = {model.config.num_labels}; a reward model needs 1"
             )
         if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            # transformers refuses batches without one; the value is never used to find a position here.
+            model.config.pad_token_id = pad_token_id(tokenizer)
         self.model = model
 
+    def _score_head(self) -> nn.Module | None:
+        """The per-position classification head of a decoder classifier (wrapped by PEFT, if trained with LoRA)."""
+        heads = [(name, module) for name, module in self.model.named_modules() if name.rsplit(".", 1)[-1] == "score"]
+        return min(heads, key=lambda item: len(item[0]))[1] if heads else None
+
     def reward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+        head = self._score_head()
+        if head is None:  # an encoder classifier pools its first token: padding cannot move it
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+        outputs: list[torch.Tensor] = []
+        handle = head.register_forward_hook(lambda module, args, output: outputs.append(output))
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask)
+        finally:
+            handle.remove()
+        per_position = outputs[-1]  # [B, T, 1]
+        rows = torch.arange(per_position.shape[0], device=per_position.device)
+        return per_position[rows, last_token_index(attention_mask), 0]
 
     @classmethod
     def from_pretrained(

@@ -18,6 +18,7 @@ class PromptItem:
     token_ids: list[int]
     seed: int
     extra: dict = field(default_factory=dict)  # dataset columns passed on to reward functions
+    truncated: bool = False  # cut to the prompt budget (data.prompt_overflow = truncate_left)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -119,7 +120,34 @@ class LearnerWorker:
 
             self.reward_model = load_reward_model(algo.reward_model, "classifier").to(self.device)
         self.version = 0
+        self.adapter_history: dict[int, dict[str, torch.Tensor]] = {}
+        self._remember_adapter()
         return sum(p.numel() for p in self.trainable_parameters)
+
+    def _remember_adapter(self) -> None:
+        """Keep the policy adapter of the current version (and the last rollout.max_staleness before it), so a
+        stale sample's behaviour logprobs can be checked under the weights that generated it."""
+        if self.rollout.max_staleness == 0:
+            return
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.model, adapter_name="default")
+        self.adapter_history[self.version] = {name: value.detach().to("cpu", copy=True) for name, value in state.items()}
+        for version in [v for v in self.adapter_history if v < self.version - self.rollout.max_staleness]:
+            del self.adapter_history[version]
+
+    @contextlib.contextmanager
+    def _adapter_of_version(self, version: int):
+        """The policy adapter temporarily set to the weights of `version`."""
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        current = {name: value.detach().clone() for name, value in
+                   get_peft_model_state_dict(self.model, adapter_name="default").items()}
+        set_peft_model_state_dict(self.model, self.adapter_history[version], adapter_name="default")
+        try:
+            yield
+        finally:
+            set_peft_model_state_dict(self.model, current, adapter_name="default")
 
     def publish(self) -> AdapterUpdate | MergedWeightsUpdate:
         """The current policy, versioned: the adapter in PEFT's file format, or merged weights."""
@@ -170,10 +198,11 @@ class LearnerWorker:
             # The baseline starts at the first batch's mean (ema_update's first value), not at 0.
             shaped = update.shaped_rewards(targets, scores, algo, ranks)
             self.reward_baseline = alg.ema_update(self.reward_baseline, float(shaped.mean()), algo.baseline_momentum)
-        self.version += 1
-        self.kl_controller.update(float(sequence_kl.mean()), len(samples) if algo.kl_controller == "adaptive" else 1)
         mask, batch = targets.batch.completion_mask, targets.batch
-        gap = (targets.old_logp - batch.behaviour_logprobs).abs()
+        gap = self._behaviour_gap(samples, targets)
+        self.version += 1
+        self._remember_adapter()
+        self.kl_controller.update(float(sequence_kl.mean()), len(samples) if algo.kl_controller == "adaptive" else 1)
         tokens = float(lengths.sum())
 
         def token_mean(x: torch.Tensor) -> float:
@@ -200,6 +229,20 @@ class LearnerWorker:
                 targets.old_values, targets.returns, mask, ranks)
         return metrics
 
+    def _behaviour_gap(self, samples: list[Sample], targets: update.UpdateTargets) -> torch.Tensor:
+        """|learner - behaviour| logprob per token of this rank's rows, each sample scored under the adapter
+        version that generated it: the current one (the update's old logprobs) or a kept older one."""
+        batch = targets.batch
+        gap = (targets.old_logp - batch.behaviour_logprobs).abs()
+        versions = torch.tensor([samples[int(i)].policy_version for i in targets.rows])
+        for version in sorted(set(versions.tolist()) - {self.version}):
+            rows = (versions == version).nonzero().flatten().to(self.device)
+            part = batch.select(rows)
+            with torch.no_grad(), self._adapter_of_version(version):
+                logprobs = self.policy.score(part)[0].logprobs
+            gap[rows] = (logprobs - part.behaviour_logprobs).abs()
+        return gap
+
     def _prepare(self, samples: list[Sample], rewards: list[float],
                  group_sizes: list[int] | None, ranks: Ranks | None = None) -> tuple[update.UpdateTargets, torch.Tensor]:
         """This rank's rows' fixed targets (old/reference logprobs, values, advantages) and the batch's scores."""
@@ -207,11 +250,12 @@ class LearnerWorker:
         group_sizes = group_sizes or [self.rollout.samples_per_prompt] * (len(samples) // self.rollout.samples_per_prompt)
         if sum(group_sizes) != len(samples):
             raise ValueError(f"group sizes {group_sizes} do not add up to the {len(samples)} samples")
-        stale = [s.policy_version for s in samples if s.policy_version != self.version]
+        oldest = self.version - self.rollout.max_staleness
+        stale = [s.policy_version for s in samples if not oldest <= s.policy_version <= self.version]
         if stale:
             raise RuntimeError(
-                f"{len(stale)} samples come from policy version {stale[0]} but the learner is at {self.version}; "
-                "on-policy training needs every sample from the current version"
+                f"{len(stale)} samples come from policy version {stale[0]} but the learner is at {self.version} and "
+                f"rollout.max_staleness = {self.rollout.max_staleness} accepts versions {oldest}..{self.version}"
             )
         rows = ranks.rows(len(samples))
         batch = build_token_batch([samples[i] for i in rows], pad_token_id(self.tokenizer)).to(self.device)
@@ -334,6 +378,7 @@ class LearnerWorker:
             "value_head": self.value_head.state_dict(), "version": self.version, "torch_rng": torch.get_rng_state(),
             "shuffle_rng": self.shuffle_rng.get_state(), "kl_controller": vars(self.kl_controller),
             "reward_baseline": self.reward_baseline, "grad_norm_history": self.grad_norm_history,
+            "adapter_history": self.adapter_history,
         }, path / "learner_state.pt")
         (path / "driver_state.json").write_text(json.dumps(driver_state, indent=2))
         return str(path)
@@ -357,6 +402,7 @@ class LearnerWorker:
         self.shuffle_rng.set_state(state["shuffle_rng"])
         vars(self.kl_controller).update(state["kl_controller"])
         self.reward_baseline, self.grad_norm_history = state["reward_baseline"], state["grad_norm_history"]
+        self.adapter_history = state.get("adapter_history", {})
         self.version = state["version"]
         return self.version
 

@@ -24,9 +24,10 @@ import torch
 import yaml
 
 from raylign.common.builtin_preferences import BUILTIN_DATASETS, load_builtin_examples
-from raylign.common.config import BUILTIN_MODEL_PREFIX
+from raylign.common.model_checks import check_has_tokenizer, check_lora_targets, load_tokenizer
 from raylign.common.pipeline_config import DpoStage, OfflineStage, RewardModelStage, SftStage, StageModelConfig
 from raylign.common.preference_data import PreferenceExample, load_preference_data, prompt_key, split_by_prompt
+from raylign.common.prompt_completion import check_chat_template
 from raylign.common.reward_models import (
     DTYPES,
     ClassifierRewardModel,
@@ -34,6 +35,7 @@ from raylign.common.reward_models import (
     SequenceClassificationRewardModel,
     load_reward_model,
 )
+from raylign.common.tiny_model import resolve_builtin_model
 from raylign.learner import dpo, reward_training, sft
 
 RESULTS = "results.json"
@@ -54,12 +56,13 @@ class OfflineTrainer:
         """Prompt-masked SFT (full parameters, LoRA or QLoRA); eval loss and perplexity before and after."""
         start, out = time.perf_counter(), _prepare(output_dir, stage)
         base = self._base_model(stage.model.path, out)
-        tokenizer = _tokenizer(base)
+        tokenizer = _tokenizer(base, stage)
         train, held_out = self._splits(stage, out)
         target = sft_target(stage, train)
         chat_template = stage.model.chat_template
         if target == "text":
             train, held_out, chat_template = as_text_examples(train), as_text_examples(held_out), False
+        check_stage_chat_template(stage, tokenizer, train + held_out, chat_template)
         model = self._causal_lm(base, stage)
         options = {"batch_size": stage.training.batch_size, "max_length": stage.training.max_length, "chat_template": chat_template}
         before = sft.sft_eval(model, tokenizer, held_out, **options) if held_out else {}
@@ -86,6 +89,7 @@ class OfflineTrainer:
         """Bradley-Terry (scalar, seqcls) or classifier training; validation accuracy and the mistakes file."""
         start, out = time.perf_counter(), _prepare(output_dir, stage)
         base = self._base_model(stage.model.path, out)
+        check_has_tokenizer(base, f"stages.{stage.name}.model.path")
         train, held_out = self._splits(stage, out)
         check_rows_fit(stage, train + held_out)
         model = self._reward_model(base, stage).to(self.device)
@@ -99,6 +103,7 @@ class OfflineTrainer:
             mistakes = write_classifier_mistakes(out / MISTAKES, model, held_out, t.batch_size)
         else:
             chat_template = stage.model.chat_template
+            check_stage_chat_template(stage, tokenizer, train + held_out, chat_template)
             history = reward_training.train_reward_model(
                 model, tokenizer, train, margin=margin_function(stage), center_coef=stage.center_coef,
                 chat_template=chat_template, **common,
@@ -123,9 +128,10 @@ class OfflineTrainer:
         """DPO (or IPO) on a LoRA adapter; the reference is the base model with the adapter disabled."""
         start, out = time.perf_counter(), _prepare(output_dir, stage)
         base = self._base_model(stage.model.path, out)
-        tokenizer = _tokenizer(base)
+        tokenizer = _tokenizer(base, stage)
         train, held_out = self._splits(stage, out)
         check_rows_fit(stage, train + held_out)
+        check_stage_chat_template(stage, tokenizer, train + held_out, stage.model.chat_template)
         model = self._causal_lm(base, stage)
         t = stage.training
         history = dpo.dpo_train(
@@ -151,12 +157,7 @@ class OfflineTrainer:
 
     def _base_model(self, path: str, out: Path) -> str:
         """A built-in tiny model is built into the stage directory; other paths pass through."""
-        if not path.startswith(BUILTIN_MODEL_PREFIX):
-            return path
-        from raylign.common.tiny_model import build_tiny_model
-
-        arch = path[len(BUILTIN_MODEL_PREFIX):].removeprefix("tiny-")
-        return str(build_tiny_model(out / "base_model", arch=arch, seed=self.seed))
+        return resolve_builtin_model(path, out / "base_model", self.seed)
 
     def _splits(self, stage: OfflineStage, out: Path) -> tuple[list[PreferenceExample], list[PreferenceExample]]:
         """The stage's train and validation rows, and prompts.jsonl with the prompts of every split."""
@@ -203,7 +204,7 @@ class OfflineTrainer:
         from peft import get_peft_model
 
         torch.manual_seed(self.seed)
-        return get_peft_model(model, peft_lora_config(spec, "CAUSAL_LM"))
+        return get_peft_model(model, peft_lora_config(stage, base, "CAUSAL_LM"))
 
     def _merged(self, model, base: str, spec: StageModelConfig, adapter_dir: Path):
         """The LoRA adapter merged into the base weights: in place, or (QLoRA) onto a full-precision reload,
@@ -228,15 +229,15 @@ class OfflineTrainer:
         if stage.type == "scalar":
             model = ScalarRewardModel.from_base(base, dtype=spec.dtype, max_length=max_length)
             if spec.lora is not None:
-                model.backbone = get_peft_model(model.backbone, peft_lora_config(spec, "FEATURE_EXTRACTION"))
+                model.backbone = get_peft_model(model.backbone, peft_lora_config(stage, base, "FEATURE_EXTRACTION"))
             return model
         from transformers import AutoModelForSequenceClassification
 
         body = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=DTYPES[spec.dtype])
-        model = SequenceClassificationRewardModel(body, _tokenizer(base), max_length=max_length)
+        model = SequenceClassificationRewardModel(body, _tokenizer(base, stage), max_length=max_length)
         if spec.lora is not None:
             # SEQ_CLS keeps the new score head trainable next to the adapter.
-            model.model = get_peft_model(model.model, peft_lora_config(spec, "SEQ_CLS"))
+            model.model = get_peft_model(model.model, peft_lora_config(stage, base, "SEQ_CLS"))
         return model.train()
 
     def _save_reward_model(self, model, stage: RewardModelStage, out: Path) -> None:
@@ -357,18 +358,24 @@ def check_reload(model, stage: RewardModelStage, out: Path, rows: list[Preferenc
 # ----- shared -----
 
 
-def peft_lora_config(spec: StageModelConfig, task_type: str):
+def peft_lora_config(stage: OfflineStage, base: str, task_type: str):
+    """The stage's LoRA config for PEFT, once its target modules are known to exist in the base model."""
     from peft import LoraConfig
 
-    lora = spec.lora
+    lora = stage.model.lora
+    check_lora_targets(base, lora.target_modules, f"stages.{stage.name}.model.lora.target_modules")
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
                       task_type=task_type)
 
 
-def _tokenizer(path: str):
-    from transformers import AutoTokenizer
+def _tokenizer(path: str, stage: OfflineStage):
+    return load_tokenizer(path, f"stages.{stage.name}.model.path")
 
-    return AutoTokenizer.from_pretrained(path)
+
+def check_stage_chat_template(stage: OfflineStage, tokenizer, rows: list[PreferenceExample], chat_template: bool | None) -> None:
+    """The stage's conversations render with the tokenizer's chat template, before any training starts."""
+    check_chat_template(tokenizer, (row.prompt_messages() + [{"role": "assistant", "content": "."}] for row in rows),
+                        chat_template, f"stages.{stage.name}.model.chat_template")
 
 
 def _prepare(output_dir: str, stage: OfflineStage) -> Path:

@@ -40,15 +40,16 @@ def sft_train(
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(steps, 1))
     device = next(model.parameters()).device
-    eos = tokenizer.eos_token or ""
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    pad_id = pad_token_id(tokenizer)
     model.train()
     losses = []
     for _ in range(steps):
-        batch_texts = [rng.choice(texts) + eos for _ in range(batch_size)]
-        encoded = tokenizer(batch_texts, return_tensors="pt", padding=True, padding_side="right",
-                            truncation=True, max_length=max_length).to(device)
-        labels = encoded.input_ids.masked_fill(encoded.attention_mask == 0, -100)
-        loss = model(**encoded, labels=labels).loss
+        rows = [(list(tokenizer(rng.choice(texts)).input_ids) + eos)[:max_length] for _ in range(batch_size)]
+        batch = collate_prompt_completion([(row, []) for row in rows], pad_id)
+        input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()

@@ -11,10 +11,17 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    from raylign.common.tiny_model import build_tiny_model
+def tiny_model_dir(twin_dirs):
+    return twin_dirs["llama"]
 
-    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), arch="llama", seed=0))
+
+@pytest.fixture(scope="session")
+def twin_dirs(tmp_path_factory):
+    """Every tiny family twin, random weights, built once per session: family -> directory."""
+    from raylign.common.tiny_model import FAMILIES, build_tiny_model
+
+    root = tmp_path_factory.mktemp("twins")
+    return {family: str(build_tiny_model(root / family, family=family, seed=0)) for family in FAMILIES}
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,10 @@
 import json
+import time
 
 import pytest
 
 from raylign.common.data import load_text_column, write_builtin_reviews
-from raylign.common.tiny_model import build_tiny_model
+from raylign.common.tiny_model import FAMILIES, build_tiny_model
 
 
 def test_builtin_reviews_are_deterministic_and_splits_disjoint(tmp_path):
@@ -32,35 +33,81 @@ def test_missing_column_names_the_fix(tmp_path):
         load_text_column(str(path), "prompt")
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
-def test_tiny_model_saves_and_reloads_with_vllm_compatible_head_dim(arch, tmp_path):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def test_builtin_twins_build_fast_with_their_architecture_tying_and_vllm_head_dims(twin_dirs, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = build_tiny_model(tmp_path / arch, arch=arch)
-    config = AutoConfig.from_pretrained(path)
-    hidden = getattr(config, "hidden_size", None) or config.n_embd
-    heads = getattr(config, "num_attention_heads", None) or config.n_head
-    assert hidden // heads >= 32
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    ids = tokenizer("The movie was great.", return_tensors="pt").input_ids
-    assert ids[0, 0].item() == tokenizer.bos_token_id
-    assert tokenizer.decode(ids[0], skip_special_tokens=True) == "The movie was great."
-    assert model(ids).logits.shape == (1, ids.shape[1], len(tokenizer))
-    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+    for family, path in twin_dirs.items():
+        config = AutoConfig.from_pretrained(path)
+        hidden = getattr(config, "hidden_size", None) or config.n_embd
+        heads = getattr(config, "num_attention_heads", None) or config.n_head
+        assert (getattr(config, "head_dim", None) or hidden // heads) >= 32, family
+        model = AutoModelForCausalLM.from_pretrained(path)
+        assert type(model).__name__ == FAMILIES[family].architecture
+        assert sum(p.numel() for p in model.parameters()) < 1_000_000, family
+        tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        assert tied == FAMILIES[family].tie_embeddings, family
+    start = time.perf_counter()
+    build_tiny_model(tmp_path / "gpt2", family="gpt2")
+    assert time.perf_counter() - start < 5
 
 
-def test_prompts_use_the_chat_template_of_instruct_tokenizers(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("family, modules", [
+    ("gpt2", {"c_attn", "c_proj", "c_fc"}), ("pythia", {"query_key_value", "dense", "dense_h_to_4h"}),
+    ("gemma", {"q_proj", "k_proj", "v_proj", "o_proj"}), ("smollm2", {"q_proj", "v_proj"}),
+    ("qwen2", {"q_proj", "v_proj"}), ("qwen3", {"q_proj", "q_norm"}), ("llama", {"q_proj", "v_proj"}),
+])
+def test_twins_have_their_familys_module_names(family, modules, twin_dirs):
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    model = AutoModelForCausalLM.from_pretrained(twin_dirs[family])
+    assert modules <= {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if family == "gpt2":
+        assert isinstance(model.transformer.h[0].attn.c_attn, Conv1D)
+
+
+def test_twin_tokenizers_have_the_real_quirks(twin_dirs):
     from transformers import AutoTokenizer
 
-    from raylign.cluster.driver import tokenize_prompts
+    text = "The movie was great."
+    tokenizers = {family: AutoTokenizer.from_pretrained(path) for family, path in twin_dirs.items()}
+    for family in ("gpt2", "pythia"):
+        tokenizer = tokenizers[family]
+        assert tokenizer.pad_token is None and tokenizer.eos_token == tokenizer.bos_token == "<|endoftext|>"
+        assert tokenizer(text).input_ids[0] != tokenizer.bos_token_id  # no BOS added
+    gemma = tokenizers["gemma"]
+    assert gemma(text).input_ids[0] == gemma.bos_token_id
+    rendered = gemma.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert rendered == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    with pytest.raises(Exception, match="System role not supported"):
+        gemma.apply_chat_template([{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}], tokenize=False)
+    for family in ("smollm2", "qwen2"):
+        tokenizer = tokenizers[family]
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+        assert rendered.startswith("<|im_start|>system\n")
+        assert rendered.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+        assert tokenizer.eos_token == "<|im_end|>"
+        assert tokenizer(text).input_ids[0] != tokenizer.bos_token_id
+    assert tokenizers["qwen2"].bos_token is None
+    assert tokenizers["smollm2"].pad_token_id == tokenizers["smollm2"].eos_token_id  # pads with its EOS
+    llama = tokenizers["llama"]
+    assert llama.pad_token == "<pad>" and llama(text).input_ids[0] == llama.bos_token_id
+    for family, tokenizer in tokenizers.items():
+        assert tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True) == text, family
 
-    plain = tokenize_prompts(tiny_model_dir, ["The movie was"], chat_template=None)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    assert plain == [tokenizer("The movie was").input_ids]
-    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
-    tokenizer.save_pretrained(tmp_path)
-    templated = tokenize_prompts(str(tmp_path), ["The movie was"], chat_template=None)
-    assert tokenizer.decode(templated[0]) == "user: The movie was\nassistant:"
-    with pytest.raises(ValueError, match="has no chat template"):
-        tokenize_prompts(tiny_model_dir, ["x"], chat_template=True)
+
+def test_prompts_use_the_chat_template_of_instruct_tokenizers(twin_dirs):
+    from raylign.cluster.prompts import PromptEncoder
+    from raylign.common.config import load_config
+
+    def encoder(model_dir, *overrides):
+        return PromptEncoder(load_config("configs/quickstart.yaml", [f"model.path={model_dir}", *overrides]), model_dir)
+
+    plain = encoder(twin_dirs["llama"])
+    assert plain.encode(["The movie was"], "train").token_ids == [plain.tokenizer("The movie was").input_ids]
+    chat = encoder(twin_dirs["qwen2"])
+    assert chat.tokenizer.decode(chat.encode(["The movie was"], "train").token_ids[0]).endswith(
+        "<|im_start|>user\nThe movie was<|im_end|>\n<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match=r"data.chat_template = true, but the tokenizer .* has no chat template; "
+                                         r"set data.chat_template=false"):
+        encoder(twin_dirs["gpt2"], "data.chat_template=true").encode(["x"], "train")

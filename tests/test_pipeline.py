@@ -76,9 +76,10 @@ def test_tiny_twins_are_offline_and_their_train_stages_are_run_configs(path, tmp
         else:
             assert stage.model.path.startswith(("builtin:", "{"))
             assert stage.data.source.startswith("builtin:")
-        # Stand-in artefacts, so the next stages' existence checks pass.
+        # Stand-in artefacts, so the next stages' existence and tokenizer checks pass.
         artefacts[stage.name] = str(tmp_path / stage.name)
         Path(artefacts[stage.name]).mkdir()
+        (Path(artefacts[stage.name]) / "tokenizer_config.json").write_text("{}")
 
 
 def test_unknown_stage_reference_names_field_value_and_the_stages_available(tmp_path):

@@ -51,6 +51,7 @@ def test_dataset_columns_reach_user_reward_functions(warm_model_dir, tmp_path):
 
     from raylign.actors.rollout_worker import RolloutWorker
     from raylign.cluster.driver import make_prompt_sampler
+    from raylign.cluster.prompts import PromptEncoder
     from raylign.common.config import load_config
     from raylign.common.types import SamplingSettings
 
@@ -58,7 +59,7 @@ def test_dataset_columns_reach_user_reward_functions(warm_model_dir, tmp_path):
     prompts.write_text("".join(json.dumps({"prompt": f"Review {i}: the movie was", "target_length": i}) + "\n" for i in range(4)))
     config = load_config("configs/quickstart.yaml", [f"model.path={warm_model_dir}", f"data.prompts={prompts}",
                                                       "data.extra_fields=[target_length]"])
-    batch = make_prompt_sampler(config, warm_model_dir, tmp_path).next_batch(4, step=0)
+    batch = make_prompt_sampler(config, PromptEncoder(config, warm_model_dir), tmp_path).next_batch(4, step=0)
     assert sorted(p.extra["target_length"] for p in batch) == [0, 1, 2, 3]
     rollout = RolloutWorker("hf", warm_model_dir)
     rollout.policy_version = 0

