@@ -21,7 +21,6 @@ import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 
 def query_vllm_registry(architecture: str) -> dict:
     """Ask vLLM's model registry, in this process, about `architecture` (its model class and SupportsLoRA)."""
@@ -37,7 +36,10 @@ def query_vllm_registry(architecture: str) -> dict:
 
 
 # The driver asks in a fresh interpreter: importing vLLM sets environment variables and logging it should not inherit.
-_PROBE = "import json, sys; from raylign.common.engine_support import query_vllm_registry; print(json.dumps(query_vllm_registry(sys.argv[1])))"
+_PROBE = (
+    "import json, sys; from raylign.common.engine_support import query_vllm_registry; "
+    "print(json.dumps({a: query_vllm_registry(a) for a in sys.argv[1:]}))"
+)
 
 
 @dataclass(frozen=True)
@@ -55,18 +57,28 @@ class VllmSupport:
         return f"vLLM {self.version} ({'CPU' if self.cpu else 'GPU'} build)"
 
 
-@lru_cache(maxsize=None)
+_SUPPORT: dict[str, VllmSupport] = {}
+
+
 def vllm_support(architecture: str) -> VllmSupport | None:
-    """Ask the installed vLLM's model registry about `architecture`; None when vLLM is not installed."""
+    """Ask the installed vLLM's model registry about `architecture` (once per process); None when vLLM is not installed."""
     if importlib.util.find_spec("vllm") is None:
         return None
+    if architecture not in _SUPPORT:
+        ask_vllm(architecture)
+    return _SUPPORT[architecture]
+
+
+def ask_vllm(*architectures: str) -> None:
+    """Ask about several architectures in one interpreter (each probe pays vLLM's import once)."""
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR"}
-    result = subprocess.run([sys.executable, "-c", _PROBE, architecture], capture_output=True, text=True, env=env,
+    result = subprocess.run([sys.executable, "-c", _PROBE, *architectures], capture_output=True, text=True, env=env,
                             timeout=600)
     answer = next((line for line in reversed(result.stdout.splitlines()) if line.startswith("{")), None)
     if result.returncode != 0 or answer is None:
-        raise RuntimeError(f"could not ask the installed vLLM about {architecture}: {result.stderr.strip()[-2000:]}")
-    return VllmSupport(architecture=architecture, **json.loads(answer))
+        raise RuntimeError(f"could not ask the installed vLLM about {', '.join(architectures)}: {result.stderr.strip()[-2000:]}")
+    for architecture, support in json.loads(answer).items():
+        _SUPPORT[architecture] = VllmSupport(architecture=architecture, **support)
 
 
 @dataclass(frozen=True)

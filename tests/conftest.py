@@ -44,6 +44,34 @@ def warm_model_dir(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def warm_twin(twin_dirs, tmp_path_factory):
+    """family -> that twin after a short SFT on the synthetic reviews (so its samples read like reviews), each
+    warmed once per session, when a test first asks for it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raylign.common.data import builtin_corpus_texts
+    from raylign.learner.sft import sft_train
+
+    warmed: dict[str, str] = {}
+
+    def warm(family: str) -> str:
+        if family not in warmed:
+            torch.manual_seed(0)
+            tokenizer = AutoTokenizer.from_pretrained(twin_dirs[family])
+            model = AutoModelForCausalLM.from_pretrained(twin_dirs[family])
+            sft_train(model, tokenizer, builtin_corpus_texts(), steps=250, batch_size=32, learning_rate=3e-3,
+                      max_length=48, seed=0)
+            output = tmp_path_factory.mktemp(f"warm-{family}")
+            model.save_pretrained(output)
+            tokenizer.save_pretrained(output)
+            warmed[family] = str(output)
+        return warmed[family]
+
+    return warm
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     import ray
 
