@@ -11,13 +11,16 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from collections import deque
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import ray
 
 from raylign.actors.reward_worker import check_invalid_fraction
 from raylign.cluster.evaluation import Evaluator, load_eval_prompts
+from raylign.cluster.learner_group import LearnerGroup
 from raylign.cluster.prompts import PromptCursor, PromptEncoder, PromptSampler
 from raylign.cluster.ray_setup import start_ray
 from raylign.cluster.reward_pool import RewardPool
@@ -30,7 +33,6 @@ from raylign.common.run_logging import RunLogger
 from raylign.common.statistics import steps_to_threshold
 from raylign.common.tiny_model import resolve_builtin_model
 from raylign.common.types import Sample
-from raylign.learner.learner_worker import LearnerWorker
 
 
 class SyncError(RuntimeError):
@@ -52,16 +54,16 @@ def train(config: RunConfig) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(config_to_yaml(config))
     start_ray(config)
-    actors: list = []
+    releases: list = []
     try:
-        return run_training(config, output_dir, actors)
+        return run_training(config, output_dir, releases)
     finally:
         # Free the CPU/GPU reservations even when the run fails, so a shared Ray can go on.
-        for actor in actors:
-            ray.kill(actor)
+        for release in releases:
+            release()
 
 
-def run_training(config: RunConfig, output_dir: Path, actors: list) -> dict:
+def run_training(config: RunConfig, output_dir: Path, releases: list) -> dict:
     model_path = resolve_model_path(config, output_dir)
     config, engine = prepare_run(config, model_path)
     # Every prompt set is tokenised and fitted to the budget before any actor starts: a set that cannot fit is
@@ -76,77 +78,100 @@ def run_training(config: RunConfig, output_dir: Path, actors: list) -> dict:
     if resume is not None and config.sft.steps > 0:
         model_path = str(output_dir / "sft_model")  # the warm-started base the checkpoint's adapter belongs to
 
-    learner = ray.remote(LearnerWorker).options(num_cpus=config.train.num_cpus, num_gpus=config.train.num_gpus).remote(
-        model_path, config.model, config.train, config.algorithm, config.rollout, config.seed
-    )
-    actors.append(learner)
+    learners = LearnerGroup(config, model_path)
+    releases.append(learners.release)
     sft_metrics = {}
     if config.sft.steps > 0 and resume is None:
-        model_path, sft_metrics = warm_start(config, learner, output_dir)
-    ray.get(learner.attach_lora.remote())
+        model_path, sft_metrics = warm_start(config, learners, output_dir)
+    learners.attach_lora()
 
     rollouts = RolloutPool(config, model_path, max_model_len=encoder.max_model_len())
     rewards = RewardPool(config.reward)
-    actors.extend([*rollouts.workers, *rewards.workers])
-    evaluator = Evaluator(config, output_dir, rollouts, rewards, learner, eval_prompts)
+    releases.extend(partial(ray.kill, actor) for actor in [*rollouts.workers, *rewards.workers])
+    evaluator = Evaluator(config, output_dir, rollouts, rewards, learners.leader, eval_prompts)
     history: list[dict] = []
     first_step = 0
+    # Batches generated (and scored) ahead of the step that trains on them: at most rollout.max_staleness.
+    ahead: deque[RolloutBatch] = deque()
     if resume is not None:
-        first_step, history = restore_run(config, output_dir, resume, learner, rewards, sampler, probe_sampler, evaluator)
-    policy = learner.publish.remote()
+        first_step, history = restore_run(config, output_dir, resume, learners, rewards, sampler, probe_sampler, evaluator)
+        ahead.extend(RolloutBatch.from_state(state) for state in resume.get("batches_ahead", []))
+    policy = learners.publish()
     rollouts.publish(policy)
     logger = RunLogger(output_dir, config.model_dump(mode="json"), use_wandb=config.logging.wandb,
                        wandb_project=config.logging.wandb_project, wandb_mode=config.logging.wandb_mode)
+
+    def rollout_batch(step: int) -> RolloutBatch:
+        """Generate and score the prompts of `step` with the adapter the rollout actors hold now."""
+        timer = PhaseTimer()
+        prompts = sampler.next_batch(config.train.prompts_per_step, step)
+        samples = rollouts.generate(prompts)
+        timer.lap("generate")
+        scored, valid = score(rewards, samples, config, logger, step)
+        timer.lap("reward")
+        return RolloutBatch(step, samples, [i for i, s in enumerate(samples) if s.reward is not None],
+                            scored.metrics(), sum(prompt.truncated for prompt in prompts), timer.phases)
+
     run_start = time.perf_counter()
     try:
         for step in progress(range(first_step, config.train.steps), config.logging.progress, history):
             timer = PhaseTimer()
             if config.train.grad_variance_every and step % config.train.grad_variance_every == 0:
-                measure_gradient_variance(config, learner, rollouts, rewards, probe_sampler, step, output_dir)
+                measure_gradient_variance(config, learners.leader, rollouts, rewards, probe_sampler, step, output_dir)
                 timer.lap("grad_variance")
-            prompts = sampler.next_batch(config.train.prompts_per_step, step)
 
             if config.algorithm.is_differentiable:
                 # GRADE generates inside the learner (it needs gradients through generation);
                 # its hard samples are scored below exactly like every other method's.
-                samples, learner_metrics = ray.get(learner.grade_step.remote(prompts, step))
+                prompts = sampler.next_batch(config.train.prompts_per_step, step)
+                samples, learner_metrics = ray.get(learners.leader.grade_step.remote(prompts, step))
                 scored, valid = score(rewards, samples, config, logger, step)
+                batch = RolloutBatch(step, samples, [i for i, s in enumerate(samples) if s.reward is not None],
+                                     scored.metrics(), sum(prompt.truncated for prompt in prompts), {})
                 timer.lap("learn")
             else:
-                samples = rollouts.generate(prompts)
-                timer.lap("generate")
-                scored, valid = score(rewards, samples, config, logger, step)
-                timer.lap("reward")
-                group_sizes = group_sizes_of(valid, samples, config.rollout.samples_per_prompt)
-                learner_metrics = ray.get(learner.train_step.remote(valid, [s.reward for s in valid], group_sizes))
+                batch = ahead.popleft() if ahead else rollout_batch(step)
+                timer.phases.update(batch.phases)
+                timer.lap("wait")
+                valid = batch.valid_samples
+                group_sizes = group_sizes_of(valid, batch.samples, config.rollout.samples_per_prompt)
+                training = learners.start_train_step(valid, [s.reward for s in valid], group_sizes)
+                # Bounded staleness: while the learner trains step t, the rollouts make the batches of t+1..t+N.
+                while len(ahead) < config.rollout.max_staleness and step + 1 + len(ahead) < config.train.steps:
+                    ahead.append(rollout_batch(step + 1 + len(ahead)))
+                timer.lap("rollout_ahead")
+                learner_metrics = learners.finish(training)
                 check_sync(learner_metrics, config.rollout.sync_tolerance, step)
                 timer.lap("learn")
 
-            policy = learner.publish.remote()
+            policy = learners.publish()
             rollouts.publish(policy)
             timer.lap("publish")
 
+            valid = batch.valid_samples
             learner_seconds = learner_metrics.pop("learn_seconds")
             metrics = {
                 "step": step,
                 "reward_mean": statistics.fmean(s.reward for s in valid),
                 "reward_std": statistics.pstdev(s.reward for s in valid),
-                **scored.metrics(),
+                **batch.reward_metrics,
                 **learner_metrics,
                 "time/learner_compute_s": learner_seconds,
                 "rollout/restarts": rollouts.restarts,
-                "data/truncated_prompts": sum(prompt.truncated for prompt in prompts),
+                "rollout/staleness": learner_metrics["policy_version"] - 1 - min(s.policy_version for s in batch.samples),
+                "data/truncated_prompts": batch.truncated_prompts,
             }
             if evaluator.validation_due(step):
                 metrics.update(evaluator.validate(step, policy))
                 timer.lap("eval")
-            metrics.update(timer.metrics())
+            metrics.update({key: value for key, value in timer.metrics().items() if key != "time/wait_s"})
             history.append(metrics)
             logger.log_metrics(metrics)
-            logger.log_samples(step, samples, config.logging.samples_per_step)
+            logger.log_samples(step, batch.samples, config.logging.samples_per_step)
             if config.train.checkpoint_every and (step + 1) % config.train.checkpoint_every == 0:
-                checkpoint(learner, rewards, output_dir, step, sampler, probe_sampler, evaluator)
-        final_checkpoint = checkpoint(learner, rewards, output_dir, config.train.steps - 1, sampler, probe_sampler, evaluator)
+                checkpoint(learners, rewards, output_dir, step, sampler, probe_sampler, evaluator, ahead)
+        final_checkpoint = checkpoint(learners, rewards, output_dir, config.train.steps - 1, sampler, probe_sampler,
+                                      evaluator, ahead)
         test_metrics = evaluator.test(policy)
     finally:
         logger.close()
@@ -171,10 +196,10 @@ def read_resume_state(config: RunConfig, output_dir: Path) -> dict | None:
     return json.loads(state_file.read_text())
 
 
-def restore_run(config: RunConfig, output_dir: Path, resume: dict, learner, rewards: RewardPool,
+def restore_run(config: RunConfig, output_dir: Path, resume: dict, learners: LearnerGroup, rewards: RewardPool,
                 sampler: PromptSampler, probe_sampler: PromptSampler, evaluator: Evaluator) -> tuple[int, list[dict]]:
     """Put every actor and the driver back in the checkpoint's state; returns the next step and the history so far."""
-    ray.get(learner.load_checkpoint.remote(config.train.resume_from))
+    learners.load_checkpoint(config.train.resume_from)
     rewards.load_state_dict(resume["reward_normalizer"])
     sampler.restore(PromptCursor(**resume["prompt_cursor"]))
     probe_sampler.restore(PromptCursor(**resume["probe_cursor"]))
@@ -195,6 +220,29 @@ def score(rewards: RewardPool, samples: list[Sample], config: RunConfig, logger:
     logger.log_reward_errors(step, scored.errors)
     check_invalid_fraction(scored, config.reward.max_invalid_fraction, step)
     return scored, [s for s in samples if s.reward is not None]
+
+
+@dataclass
+class RolloutBatch:
+    """One step's prompts, generated and scored: what the learner trains on, possibly some steps later."""
+
+    step: int
+    samples: list[Sample]
+    valid: list[int]  # indices of the samples with a reward (the rest were invalid, logged and left out)
+    reward_metrics: dict
+    truncated_prompts: int
+    phases: dict[str, float]
+
+    @property
+    def valid_samples(self) -> list[Sample]:
+        return [self.samples[i] for i in self.valid]
+
+    def to_state(self) -> dict:
+        return {**asdict(self), "samples": [asdict(s) for s in self.samples]}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "RolloutBatch":
+        return cls(**{**state, "samples": [Sample(**s) for s in state["samples"]]})
 
 
 class PhaseTimer:
@@ -251,12 +299,11 @@ def prepare_run(config: RunConfig, model_path: str) -> tuple[RunConfig, EnginePl
     return config.model_copy(update={"rollout": rollout}), plan
 
 
-def warm_start(config: RunConfig, learner, output_dir: Path) -> tuple[str, dict]:
+def warm_start(config: RunConfig, learners: LearnerGroup, output_dir: Path) -> tuple[str, dict]:
     """Full-parameter SFT on the learner; the result becomes the base model for RL."""
     texts = load_text_column(config.sft.data, config.sft.text_field, data_dir=output_dir / "data")
     sft_dir = str(output_dir / "sft_model")
-    metrics = ray.get(learner.sft.remote(texts, config.sft, sft_dir))
-    return sft_dir, metrics
+    return sft_dir, learners.warm_start(texts, config.sft, sft_dir)
 
 
 def make_prompt_sampler(config: RunConfig, encoder: PromptEncoder, output_dir: Path, seed: int | None = None) -> PromptSampler:
@@ -310,12 +357,14 @@ def check_sync(learner_metrics: dict, tolerance: float, step: int) -> None:
         )
 
 
-def checkpoint(learner, rewards: RewardPool, output_dir: Path, step: int, sampler: PromptSampler,
-               probe_sampler: PromptSampler, evaluator: Evaluator) -> str:
-    """Everything a resumed run needs; the learner writes its own state beside the driver's."""
+def checkpoint(learners: LearnerGroup, rewards: RewardPool, output_dir: Path, step: int, sampler: PromptSampler,
+               probe_sampler: PromptSampler, evaluator: Evaluator, ahead: deque | tuple = ()) -> str:
+    """Everything a resumed run needs, the batches already generated ahead included; the learner writes its
+    own state beside the driver's."""
     state = {"step": step, "prompt_cursor": asdict(sampler.cursor), "probe_cursor": asdict(probe_sampler.cursor),
-             "reward_normalizer": rewards.state_dict(), **evaluator.best_summary()}
-    return ray.get(learner.save_checkpoint.remote(str(output_dir / "checkpoints" / f"step_{step + 1:06d}"), state))
+             "reward_normalizer": rewards.state_dict(), "batches_ahead": [batch.to_state() for batch in ahead],
+             **evaluator.best_summary()}
+    return learners.save_checkpoint(str(output_dir / "checkpoints" / f"step_{step + 1:06d}"), state)
 
 
 def summarise(history: list[dict], wall_seconds: float, sft_metrics: dict, final_checkpoint: str, output_dir: Path) -> dict:

@@ -170,7 +170,7 @@ def stage_cpus(stage: Stage) -> float:
     """CPUs Ray must have for the stage's actors to start (logical: they time-share the real cores)."""
     if not isinstance(stage, TrainStage):
         return stage.resources.num_cpus
-    return (_run_value(stage, "train", "num_cpus", TrainConfig)
+    return (_run_value(stage, "train", "num_cpus", TrainConfig) * _run_value(stage, "train", "num_learners", TrainConfig)
             + _run_value(stage, "rollout", "num_cpus", RolloutConfig) * _run_value(stage, "rollout", "num_workers", RolloutConfig)
             + _run_value(stage, "reward", "num_cpus", RewardConfig) * _run_value(stage, "reward", "num_workers", RewardConfig))
 

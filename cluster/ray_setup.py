@@ -20,7 +20,8 @@ WORKER_ENV = {
 
 
 def requested_cpus(config: RunConfig) -> float:
-    return config.train.num_cpus + config.rollout.num_cpus * config.rollout.num_workers + config.reward.num_cpus
+    return (config.train.num_cpus * config.train.num_learners + config.rollout.num_cpus * config.rollout.num_workers
+            + config.reward.num_cpus * config.reward.num_workers)
 
 
 def job_env_vars() -> dict[str, str]:

@@ -67,6 +67,14 @@ class LearnerWorker:
         self.tokenizer.save_pretrained(output_dir)
         return {"sft_loss_first": losses[0], "sft_loss_last": losses[-1], "sft_seconds": time.perf_counter() - start}
 
+    def load_base_model(self, model_path: str) -> None:
+        """Replace the base model by the one saved at `model_path` (another rank's warm start)."""
+        from transformers import AutoModelForCausalLM
+
+        if self.optimizer is not None:
+            raise RuntimeError("the base model can only be replaced before the LoRA adapter is attached")
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[self.model_config.dtype]).to(self.device)
+
     # ----- policy -----
 
     def attach_lora(self) -> int:

@@ -63,3 +63,22 @@ def test_two_learners_make_the_update_of_one(ray_session, tiny_model_dir, overri
             expected = one_metrics[step][0][key]
             for rank in range(2):
                 assert two_metrics[step][rank][key] == pytest.approx(expected, rel=1e-4, abs=1e-6), (step, rank, key)
+
+
+@pytest.mark.slow
+def test_a_short_run_with_two_learners_logs_the_metrics_of_one(warm_model_dir, ray_session, tmp_path):
+    import json
+
+    from raylign.cluster.driver import train
+
+    common = [f"model.path={warm_model_dir}", "sft.steps=0", "rollout.backend=hf", "train.steps=3",
+              "train.prompts_per_step=4", "logging.progress=false", "train.micro_batch_size=5"]
+    runs = {}
+    for learners in (1, 2):
+        output = tmp_path / f"learners_{learners}"
+        train(load_config("configs/quickstart.yaml", [f"output_dir={output}", f"train.num_learners={learners}", *common]))
+        runs[learners] = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    for one, two in zip(runs[1], runs[2], strict=True):
+        assert two["reward_mean"] == one["reward_mean"]
+        for key in ("loss", "kl", "grad_norm", "rollout/logprob_gap"):
+            assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-7), key

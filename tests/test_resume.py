@@ -10,9 +10,11 @@ from raylign.common.config import load_config
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["grpo", "ppo"])
-def test_resumed_run_reproduces_the_uninterrupted_one(method, warm_model_dir, ray_session, tmp_path):
-    common = [f"model.path={warm_model_dir}", "sft.steps=0", "rollout.backend=hf", f"algorithm.name={method}",
+@pytest.mark.parametrize("method,extra", [
+    ("grpo", []), ("ppo", []), ("grpo", ["rollout.max_staleness=1", "algorithm.importance_sampling_cap=2.0"]),
+], ids=["grpo", "ppo", "grpo-staleness-1"])
+def test_resumed_run_reproduces_the_uninterrupted_one(method, extra, warm_model_dir, ray_session, tmp_path):
+    common = [f"model.path={warm_model_dir}", "sft.steps=0", "rollout.backend=hf", f"algorithm.name={method}", *extra,
               "train.steps=4", "train.checkpoint_every=2", "train.prompts_per_step=4", "logging.progress=false",
               "reward.normalize=running", "train.lr_schedule=cosine"]
     whole = tmp_path / "whole"
@@ -35,3 +37,5 @@ def test_resumed_run_reproduces_the_uninterrupted_one(method, warm_model_dir, ra
         for key in ("loss", "kl", "grad_norm", "learning_rate", "reward/running_mean"):
             assert after[key] == pytest.approx(before[key], rel=1e-4, abs=1e-7), key
     assert results["steps"] == 4
+    # With bounded staleness the batch of step t+1 was generated during step t (and carried by the checkpoint).
+    assert [m["rollout/staleness"] for m in got] == ([0, 1, 1, 1] if extra else [0, 0, 0, 0])

@@ -1,0 +1,75 @@
+"""The learner actors of a run: `train.num_learners` data-parallel ranks in one STRICT_PACK placement group.
+
+Rank 0 speaks for the group (publishes the adapter, writes checkpoints, runs GRADE and measurements);
+every rank takes part in each update (see learner/data_parallel.py for why the result equals one learner's).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from raylign.common.config import RunConfig
+from raylign.learner.learner_worker import LearnerWorker
+
+
+class LearnerGroup:
+    def __init__(self, config: RunConfig, model_path: str):
+        train = config.train
+        bundle = {"CPU": train.num_cpus, **({"GPU": train.num_gpus} if train.num_gpus > 0 else {})}
+        self.placement = placement_group([bundle] * train.num_learners, strategy="STRICT_PACK")
+        ray.get(self.placement.ready())
+        actor = ray.remote(LearnerWorker)
+        self.actors = [
+            actor.options(num_cpus=train.num_cpus, num_gpus=train.num_gpus,
+                          scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank)).remote(
+                model_path, config.model, train, config.algorithm, config.rollout, config.seed)
+            for rank in range(train.num_learners)
+        ]
+        if train.num_learners > 1:
+            group = f"raylign-learners-{uuid.uuid4().hex[:12]}"
+            ray.get([a.join_learner_group.remote(rank, train.num_learners, group) for rank, a in enumerate(self.actors)])
+
+    @property
+    def leader(self):
+        """Rank 0's actor handle."""
+        return self.actors[0]
+
+    def release(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        remove_placement_group(self.placement)
+
+    def warm_start(self, texts: list[str], sft_config, output_dir: str) -> dict:
+        """Full-parameter SFT on rank 0; the other ranks then load its result as their base model."""
+        metrics = ray.get(self.leader.sft.remote(texts, sft_config, output_dir))
+        ray.get([actor.load_base_model.remote(output_dir) for actor in self.actors[1:]])
+        return metrics
+
+    def attach_lora(self) -> int:
+        return ray.get([actor.attach_lora.remote() for actor in self.actors])[0]
+
+    def publish(self):
+        """An ObjectRef to rank 0's adapter update (one copy in the object store)."""
+        return self.leader.publish.remote()
+
+    def start_train_step(self, samples, rewards: list[float], group_sizes: list[int]) -> list:
+        """Launch one update on every rank (the batch is put in the object store once); `finish` waits for it."""
+        batch = ray.put(samples)
+        return [actor.train_step.remote(batch, rewards, group_sizes) for actor in self.actors]
+
+    @staticmethod
+    def finish(pending: list) -> dict:
+        return ray.get(pending)[0]
+
+    def train_step(self, samples, rewards: list[float], group_sizes: list[int]) -> dict:
+        return self.finish(self.start_train_step(samples, rewards, group_sizes))
+
+    def save_checkpoint(self, directory: str, driver_state: dict) -> str:
+        return ray.get(self.leader.save_checkpoint.remote(directory, driver_state))
+
+    def load_checkpoint(self, directory: str) -> int:
+        return ray.get([actor.load_checkpoint.remote(directory) for actor in self.actors])[0]
