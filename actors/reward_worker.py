@@ -40,7 +40,7 @@ class RewardWorker:
         if any(source.is_reward_model for source in sources):
             import torch
 
-            torch.set_num_threads(config.threads)
+            torch.set_num_threads(config.threads or 1)
             if device is None and config.num_gpus > 0 and torch.cuda.is_available():
                 self.device = "cuda"
         if config.sources:

@@ -64,8 +64,7 @@ def bench_rollout(config_path: str, overrides: list[str], worker_counts: list[in
             pool.publish(learner.publish.remote())
             publish_ms.append(1000 * (time.perf_counter() - start))
         throughput[str(count)]["publish_latency_ms"] = statistics.fmean(publish_ms)
-        for worker in pool.workers:
-            ray.kill(worker)
+        pool.release()
     # Free the learner's CPU reservation before the training run starts its own actors.
     ray.kill(learner)
 

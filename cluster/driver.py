@@ -13,7 +13,6 @@ import time
 from contextlib import contextmanager
 from collections import deque
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 
 import ray
@@ -21,6 +20,7 @@ import ray
 from raylign.actors.reward_worker import check_invalid_fraction
 from raylign.cluster.evaluation import Evaluator, load_eval_prompts
 from raylign.cluster.learner_group import LearnerGroup
+from raylign.cluster.placement import with_threads
 from raylign.cluster.prompts import PromptCursor, PromptEncoder, PromptSampler
 from raylign.cluster.ray_setup import start_ray
 from raylign.cluster.reward_pool import RewardPool
@@ -52,6 +52,7 @@ def train_each_seed(config: RunConfig) -> list[dict]:
 def train(config: RunConfig) -> dict:
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    config = with_threads(config)
     (output_dir / "config.yaml").write_text(config_to_yaml(config))
     start_ray(config)
     releases: list = []
@@ -87,7 +88,7 @@ def run_training(config: RunConfig, output_dir: Path, releases: list) -> dict:
 
     rollouts = RolloutPool(config, model_path, max_model_len=encoder.max_model_len())
     rewards = RewardPool(config.reward)
-    releases.extend(partial(ray.kill, actor) for actor in [*rollouts.workers, *rewards.workers])
+    releases.extend([rollouts.release, rewards.release])
     evaluator = Evaluator(config, output_dir, rollouts, rewards, learners.leader, eval_prompts)
     history: list[dict] = []
     first_step = 0

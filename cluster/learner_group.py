@@ -9,9 +9,9 @@ from __future__ import annotations
 import uuid
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.placement_group import remove_placement_group
 
+from raylign.cluster.placement import worker_placement
 from raylign.common.config import RunConfig
 from raylign.learner.learner_worker import LearnerWorker
 
@@ -19,13 +19,10 @@ from raylign.learner.learner_worker import LearnerWorker
 class LearnerGroup:
     def __init__(self, config: RunConfig, model_path: str):
         train = config.train
-        bundle = {"CPU": train.num_cpus, **({"GPU": train.num_gpus} if train.num_gpus > 0 else {})}
-        self.placement = placement_group([bundle] * train.num_learners, strategy="STRICT_PACK")
-        ray.get(self.placement.ready())
+        self.placement, bundle = worker_placement(train.num_learners, train.num_cpus, train.num_gpus, "STRICT_PACK")
         actor = ray.remote(LearnerWorker)
         self.actors = [
-            actor.options(num_cpus=train.num_cpus, num_gpus=train.num_gpus,
-                          scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank)).remote(
+            actor.options(num_cpus=train.num_cpus, num_gpus=train.num_gpus, scheduling_strategy=bundle(rank)).remote(
                 model_path, config.model, train, config.algorithm, config.rollout, config.seed)
             for rank in range(train.num_learners)
         ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ray
 
 from raylign.actors.reward_worker import RewardWorker
+from raylign.cluster.placement import worker_placement
 from raylign.cluster.ray_setup import wait_for_restart
 from raylign.common.config import RewardConfig
 from raylign.common.types import RewardResult, Sample
@@ -19,11 +20,21 @@ class RewardPool:
     def __init__(self, config: RewardConfig):
         # A crashed actor is restarted by Ray and the batch scored again. The running statistics live
         # here and travel with every call, so a restarted actor starts from the right state.
-        actor = ray.remote(RewardWorker).options(num_cpus=config.num_cpus, num_gpus=config.num_gpus,
-                                                 max_restarts=config.max_restarts)
-        self.workers = [actor.remote(config) for _ in range(config.num_workers)]
+        self.placement, bundle = worker_placement(config.num_workers, config.num_cpus, config.num_gpus, "PACK")
+        actor = ray.remote(RewardWorker)
+        self.workers = [actor.options(num_cpus=config.num_cpus, num_gpus=config.num_gpus, max_restarts=config.max_restarts,
+                                      scheduling_strategy=bundle(rank)).remote(config)
+                        for rank in range(config.num_workers)]
         self.normalizer_state: dict | None = None  # the running statistics as of the last normalised batch
         self.restarts = 0
+
+    def release(self) -> None:
+        """Stop the workers and free their placement group."""
+        from ray.util.placement_group import remove_placement_group
+
+        for worker in self.workers:
+            ray.kill(worker)
+        remove_placement_group(self.placement)
 
     def score_batch(self, samples: list[Sample], normalize: bool = True) -> RewardResult:
         """Score a batch; `normalize=False` (evaluation) leaves the running statistics untouched."""

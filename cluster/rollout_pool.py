@@ -8,6 +8,7 @@ import time
 import ray
 
 from raylign.actors.rollout_worker import RolloutWorker
+from raylign.cluster.placement import worker_placement
 from raylign.cluster.ray_setup import wait_for_restart
 from raylign.common.config import RunConfig
 from raylign.common.engine_support import engine_plan
@@ -26,18 +27,20 @@ class RolloutPool:
             max_model_len = rollout.max_model_len or max_positions(model_path)
         # A crashed actor is restarted by Ray (re-running __init__); `generate` then reloads the
         # current policy into it and re-dispatches its work item, so no prompt is lost.
-        actor = ray.remote(RolloutWorker).options(num_cpus=rollout.num_cpus, num_gpus=rollout.num_gpus,
-                                                  max_restarts=rollout.max_restarts)
+        count = num_workers or rollout.num_workers
+        self.placement, bundle = worker_placement(count, rollout.num_cpus, rollout.num_gpus, config.cluster.rollout_strategy)
+        actor = ray.remote(RolloutWorker)
         self.workers = [
-            actor.remote(
+            actor.options(num_cpus=rollout.num_cpus, num_gpus=rollout.num_gpus, max_restarts=rollout.max_restarts,
+                          scheduling_strategy=bundle(rank)).remote(
                 backend=self.plan.backend, model_path=model_path, dtype=config.model.dtype, seed=config.seed + rank,
-                threads=rollout.threads, lora_rank=config.model.lora.r, kv_cache_gib=rollout.vllm_kv_cache_gib,
+                threads=rollout.threads or 1, lora_rank=config.model.lora.r, kv_cache_gib=rollout.vllm_kv_cache_gib,
                 gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
                 device="cuda" if rollout.num_gpus > 0 else "cpu", weight_sync=self.plan.weight_sync,
                 keep_versions=rollout.keep_versions, max_model_len=max_model_len,
                 hf_max_batch_rows=rollout.hf_max_batch_rows,
             )
-            for rank in range(num_workers or rollout.num_workers)
+            for rank in range(count)
         ]
         self.chunk = rollout.dispatch_chunk
         self.current_update: ray.ObjectRef | None = None
@@ -46,6 +49,14 @@ class RolloutPool:
             samples_per_prompt=rollout.samples_per_prompt, max_new_tokens=rollout.max_new_tokens,
             min_new_tokens=rollout.min_new_tokens, temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
         )
+
+    def release(self) -> None:
+        """Stop the workers and free their placement group."""
+        from ray.util.placement_group import remove_placement_group
+
+        for worker in self.workers:
+            ray.kill(worker)
+        remove_placement_group(self.placement)
 
     def generate(self, prompts: list[PromptItem], settings: SamplingSettings | None = None) -> list[Sample]:
         """Work items of `rollout.dispatch_chunk` prompts go to whichever actor is free; results return in prompt order.

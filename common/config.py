@@ -120,7 +120,7 @@ class RolloutConfig(Section):
         ),
     )
     top_k: int = Field(-1, description="Top-k sampling (-1 = off); ties with the k-th logit are kept. The learner applies it too, like top_p.")
-    threads: int = Field(1, ge=1, description="CPU threads each rollout actor's engine uses.")
+    threads: int | None = Field(None, ge=1, description="CPU threads each rollout actor's engine uses. None (default) derives it from cluster.placement: the run's cores under 'colocate' (phases take turns), the actor's num_cpus under 'split'.")
     weight_sync: Literal["lora", "merged"] | None = Field(
         None,
         description=(
@@ -307,7 +307,7 @@ class RewardConfig(Section):
     max_restarts: int = Field(3, ge=0, description="Times Ray restarts a crashed reward actor; the batch is then scored again.")
     num_cpus: float = Field(0.5, gt=0, description="CPUs Ray reserves for each reward actor.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs for each reward actor; reward models run on the GPU when > 0.")
-    threads: int = Field(1, ge=1, description="CPU threads each reward actor's torch uses for reward models.")
+    threads: int | None = Field(None, ge=1, description="CPU threads each reward actor's torch uses for reward models. None (default) derives it from cluster.placement: the run's cores under 'colocate' (phases take turns), the actor's num_cpus under 'split'.")
 
     @model_validator(mode="before")
     @classmethod
@@ -462,7 +462,7 @@ class TrainConfig(Section):
     )
     num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for the learner actor.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs for the learner actor.")
-    threads: int = Field(1, ge=1, description="CPU threads the learner uses.")
+    threads: int | None = Field(None, ge=1, description="CPU threads each learner uses. None (default) derives it from cluster.placement: the run's cores under 'colocate' (phases take turns), the actor's num_cpus under 'split'.")
     checkpoint_every: int = Field(0, ge=0, description="Save the adapter every N steps (0 = only at the end).")
     grad_variance_every: int = Field(
         0, ge=0,
@@ -517,6 +517,18 @@ class LoggingConfig(Section):
 class ClusterConfig(Section):
     address: str | None = Field(None, description="Ray address to join ('auto' inside `ray job submit`); None starts Ray locally.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a locally started Ray (default: all cores).")
+    placement: Literal["colocate", "split"] = Field(
+        "colocate",
+        description=(
+            "'colocate': generation, scoring and learning take turns on the same devices, so each phase gets all "
+            "the run's cores (threads) while it runs; 'split': each actor keeps its own reservation (threads = its "
+            "num_cpus), so with rollout.max_staleness > 0 generation and learning run side by side."
+        ),
+    )
+    rollout_strategy: Literal["PACK", "SPREAD"] = Field(
+        "PACK",
+        description="Placement-group strategy of the rollout workers' bundles: PACK on as few nodes as fit, SPREAD across nodes.",
+    )
 
 
 class RunConfig(Section):

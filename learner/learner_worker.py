@@ -40,7 +40,7 @@ class LearnerWorker:
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        torch.set_num_threads(train.threads)
+        torch.set_num_threads(train.threads or 1)
         torch.manual_seed(seed)
         random.seed(seed)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() and train.num_gpus > 0 else "cpu"))

@@ -43,9 +43,10 @@ def test_missing_local_model_path_is_refused_but_hub_ids_pass():
     assert load_config("configs/quickstart.yaml", ["model.path=Qwen/Qwen2.5-0.5B-Instruct"]).model.path == "Qwen/Qwen2.5-0.5B-Instruct"
 
 
-def test_truncated_sampling_is_refused_for_rl():
-    with pytest.raises(ConfigError, match=r"rollout\.top_p = 0\.9"):
-        load_config("configs/quickstart.yaml", ["rollout.top_p=0.9"])
+def test_truncated_sampling_is_accepted_for_rl_and_a_meaningless_top_k_refused():
+    assert load_config("configs/quickstart.yaml", ["rollout.top_p=0.9", "rollout.top_k=50"]).rollout.top_p == 0.9
+    with pytest.raises(ConfigError, match=r"rollout\.top_k = 0"):
+        load_config("configs/quickstart.yaml", ["rollout.top_k=0"])
 
 
 def test_every_field_has_a_description():
@@ -70,3 +71,13 @@ def test_cli_help_lists_config_fields():
     for field in ["output_dir", "seed", "model.path", "algorithm.name", "rollout.backend", "rollout.num_workers",
                   "rollout.samples_per_prompt", "train.steps"]:
         assert f"  {field}  [default" in result.stdout
+
+
+def test_threads_follow_the_placement_unless_set():
+    from raylign.cluster.placement import run_cores, with_threads
+
+    colocated = with_threads(load_config("configs/quickstart.yaml", ["cluster.num_cpus=6", "rollout.threads=3"]))
+    assert (colocated.train.threads, colocated.rollout.threads, colocated.reward.threads) == (6, 3, 6)
+    split = with_threads(load_config("configs/quickstart.yaml", ["cluster.placement=split", "train.num_cpus=2"]))
+    assert (split.train.threads, split.rollout.threads, split.reward.threads) == (2, 1, 1)
+    assert with_threads(load_config("configs/quickstart.yaml")).train.threads == run_cores(load_config("configs/quickstart.yaml"))
