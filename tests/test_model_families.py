@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from raylign.cluster.driver import train
 from raylign.common.config import load_config
@@ -71,3 +72,50 @@ def test_other_policy_gradient_methods_run_on_the_quirkiest_twins(family, method
     metrics, _ = run(tmp_path, warm_twin(family), "rollout.backend=hf", f"algorithm.name={method}", "train.steps=2")
     assert len(metrics) == 2 and all(math.isfinite(m["loss"]) for m in metrics)
     assert max(m["rollout/logprob_gap"] for m in metrics) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma"])
+def test_sft_reward_models_and_dpo_train_on_the_quirkiest_twins(family, twin_dirs):
+    """GPT-2 pads with its EOS (it has no pad token) and adds no BOS; Gemma renders every pair with its chat
+    template (BOS from the template, <start_of_turn>/<end_of_turn>)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from raylign.common.reward_models import ScalarRewardModel, SequenceClassificationRewardModel
+    from raylign.learner import dpo, reward_training, sft
+    from tests.test_offline_trainers import sentiment_pairs
+
+    torch.set_num_threads(1)
+    path = twin_dirs[family]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    train_pairs, val_pairs = sentiment_pairs(96, seed=3), sentiment_pairs(48, seed=4)
+    options = {"batch_size": 16, "max_length": 48, "seed": 0}
+    adapted = ["c_attn"] if family == "gpt2" else ["q_proj", "v_proj"]
+
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_pretrained(path)
+    before = sft.sft_eval(policy, tokenizer, val_pairs, batch_size=16, max_length=48)["eval/loss"]
+    history = sft.masked_sft_train(policy, tokenizer, train_pairs, steps=20, learning_rate=3e-3, eval_examples=val_pairs, **options)
+    assert history[-1]["eval/loss"] < before - 1.0
+
+    torch.manual_seed(0)
+    scalar = ScalarRewardModel.from_base(path)
+    history = reward_training.train_reward_model(scalar, tokenizer, train_pairs, val_examples=val_pairs, steps=40,
+                                                 learning_rate=3e-3, **options)
+    assert history[-1]["val/accuracy"] > 0.9
+
+    torch.manual_seed(0)
+    body = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    seqcls = SequenceClassificationRewardModel(body, tokenizer).train()
+    seqcls.model = get_peft_model(seqcls.model, LoraConfig(r=8, lora_alpha=32, target_modules=adapted, task_type="SEQ_CLS"))
+    history = reward_training.train_reward_model(seqcls, tokenizer, train_pairs, val_examples=val_pairs, steps=40,
+                                                 learning_rate=3e-3, **options)
+    assert history[-1]["val/accuracy"] > 0.9
+
+    torch.manual_seed(0)
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(path),
+                          LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    history = dpo.dpo_train(lora, tokenizer, train_pairs, val_examples=val_pairs, steps=30, learning_rate=5e-3, beta=0.1,
+                            **options)
+    assert history[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    assert history[-1]["eval/rewards/margins"] > 0.5 and history[-1]["eval/rewards/accuracies"] > 0.9
