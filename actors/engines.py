@@ -158,6 +158,9 @@ class VLLMEngine:
         self.adapter_root = Path(tempfile.mkdtemp(prefix="raylign-adapters-", dir=shm))
         self.keep_versions = keep_versions
         self.loaded: list[tuple[int, object]] = []
+        # vLLM caches adapters by int id and silently keeps the old weights when an id comes back, so every
+        # load gets a new one, even a version number seen before (a learner restored from a checkpoint).
+        self.lora_ids_used = 0
 
     def load_adapter(self, update: AdapterUpdate) -> None:
         from vllm.lora.request import LoRARequest
@@ -169,7 +172,9 @@ class VLLMEngine:
                 self.loaded.append(entry)
                 return
         path = write_adapter(update.files, self.adapter_root / f"v{update.version}")
-        request = LoRARequest(lora_name=f"v{update.version}", lora_int_id=update.version + 1, lora_path=str(path))
+        self.lora_ids_used += 1
+        request = LoRARequest(lora_name=f"v{update.version}-{self.lora_ids_used}", lora_int_id=self.lora_ids_used,
+                              lora_path=str(path))
         if not self.llm.llm_engine.add_lora(request):
             raise RuntimeError(f"vLLM refused adapter version {update.version} at {path}")
         self.loaded.append((update.version, request))

@@ -95,7 +95,8 @@ def run_training(config: RunConfig, output_dir: Path, releases: list) -> dict:
     # Batches generated (and scored) ahead of the step that trains on them: at most rollout.max_staleness.
     ahead: deque[RolloutBatch] = deque()
     if resume is not None:
-        first_step, history = restore_run(config, output_dir, resume, learners, rewards, sampler, probe_sampler, evaluator)
+        first_step, history = restore_run(config.train.resume_from, output_dir, resume, learners, rewards, sampler,
+                                          probe_sampler, evaluator)
         ahead.extend(RolloutBatch.from_state(state) for state in resume.get("batches_ahead", []))
     policy = learners.publish()
     rollouts.publish(policy)
@@ -113,41 +114,74 @@ def run_training(config: RunConfig, output_dir: Path, releases: list) -> dict:
         return RolloutBatch(step, samples, [i for i, s in enumerate(samples) if s.reward is not None],
                             scored.metrics(), sum(prompt.truncated for prompt in prompts), timer.phases)
 
+    def train_step(step: int, timer: PhaseTimer) -> tuple[RolloutBatch, dict]:
+        """Generate (or take the batch generated ahead), score, learn, publish."""
+        if config.algorithm.is_differentiable:
+            # GRADE generates inside the learner (it needs gradients through generation);
+            # its hard samples are scored below exactly like every other method's.
+            prompts = sampler.next_batch(config.train.prompts_per_step, step)
+            samples, learner_metrics = ray.get(learners.leader.grade_step.remote(prompts, step))
+            scored, _ = score(rewards, samples, config, logger, step)
+            batch = RolloutBatch(step, samples, [i for i, s in enumerate(samples) if s.reward is not None],
+                                 scored.metrics(), sum(prompt.truncated for prompt in prompts), {})
+            timer.lap("learn")
+        else:
+            batch = ahead.popleft() if ahead else rollout_batch(step)
+            timer.phases.update(batch.phases)
+            timer.lap("wait")
+            valid = batch.valid_samples
+            group_sizes = group_sizes_of(valid, batch.samples, config.rollout.samples_per_prompt)
+            training = learners.start_train_step(valid, [s.reward for s in valid], group_sizes)
+            # Bounded staleness: while the learner trains step t, the rollouts make the batches of t+1..t+N.
+            while len(ahead) < config.rollout.max_staleness and step + 1 + len(ahead) < config.train.steps:
+                ahead.append(rollout_batch(step + 1 + len(ahead)))
+            timer.lap("rollout_ahead")
+            learner_metrics = learners.finish(training)
+            check_sync(learner_metrics, config.rollout.sync_tolerance, step)
+            timer.lap("learn")
+        rollouts.publish(learners.publish())
+        timer.lap("publish")
+        return batch, learner_metrics
+
+    def restart_learners(error: Exception) -> int:
+        """A learner died: start the group again from the last checkpoint; returns the step to redo from."""
+        nonlocal learners
+        latest = latest_checkpoint(output_dir)
+        print(f"[raylign] a learner died ({type(error).__name__}); restarting the learners from {latest}",
+              file=sys.stderr, flush=True)
+        learners.release()
+        learners = LearnerGroup(config, model_path)
+        releases.append(learners.release)
+        learners.attach_lora()
+        evaluator.learner = learners.leader
+        state = json.loads((latest / "driver_state.json").read_text())
+        next_step, kept = restore_run(latest, output_dir, state, learners, rewards, sampler, probe_sampler, evaluator)
+        history[:] = kept
+        ahead.clear()
+        ahead.extend(RolloutBatch.from_state(batch) for batch in state.get("batches_ahead", []))
+        rollouts.publish(learners.publish())
+        return next_step
+
     run_start = time.perf_counter()
+    step, learner_restarts = first_step, 0
+    bar = ProgressBar(config.logging.progress, config.train.steps, first_step)
     try:
-        for step in progress(range(first_step, config.train.steps), config.logging.progress, history):
+        if config.train.max_learner_restarts and resume is None:
+            checkpoint(learners, rewards, output_dir, -1, sampler, probe_sampler, evaluator, ahead)  # step 0's state
+        while step < config.train.steps:
             timer = PhaseTimer()
-            if config.train.grad_variance_every and step % config.train.grad_variance_every == 0:
-                measure_gradient_variance(config, learners.leader, rollouts, rewards, probe_sampler, step, output_dir)
-                timer.lap("grad_variance")
-
-            if config.algorithm.is_differentiable:
-                # GRADE generates inside the learner (it needs gradients through generation);
-                # its hard samples are scored below exactly like every other method's.
-                prompts = sampler.next_batch(config.train.prompts_per_step, step)
-                samples, learner_metrics = ray.get(learners.leader.grade_step.remote(prompts, step))
-                scored, valid = score(rewards, samples, config, logger, step)
-                batch = RolloutBatch(step, samples, [i for i, s in enumerate(samples) if s.reward is not None],
-                                     scored.metrics(), sum(prompt.truncated for prompt in prompts), {})
-                timer.lap("learn")
-            else:
-                batch = ahead.popleft() if ahead else rollout_batch(step)
-                timer.phases.update(batch.phases)
-                timer.lap("wait")
-                valid = batch.valid_samples
-                group_sizes = group_sizes_of(valid, batch.samples, config.rollout.samples_per_prompt)
-                training = learners.start_train_step(valid, [s.reward for s in valid], group_sizes)
-                # Bounded staleness: while the learner trains step t, the rollouts make the batches of t+1..t+N.
-                while len(ahead) < config.rollout.max_staleness and step + 1 + len(ahead) < config.train.steps:
-                    ahead.append(rollout_batch(step + 1 + len(ahead)))
-                timer.lap("rollout_ahead")
-                learner_metrics = learners.finish(training)
-                check_sync(learner_metrics, config.rollout.sync_tolerance, step)
-                timer.lap("learn")
-
-            policy = learners.publish()
-            rollouts.publish(policy)
-            timer.lap("publish")
+            try:
+                if config.train.grad_variance_every and step % config.train.grad_variance_every == 0:
+                    measure_gradient_variance(config, learners.leader, rollouts, rewards, probe_sampler, step, output_dir)
+                    timer.lap("grad_variance")
+                batch, learner_metrics = train_step(step, timer)
+            except ray.exceptions.RayActorError as error:
+                if learner_restarts >= config.train.max_learner_restarts or learners.alive():
+                    raise
+                learner_restarts += 1
+                step = restart_learners(error)
+                bar.rewind(step)
+                continue
 
             valid = batch.valid_samples
             learner_seconds = learner_metrics.pop("learn_seconds")
@@ -159,11 +193,12 @@ def run_training(config: RunConfig, output_dir: Path, releases: list) -> dict:
                 **learner_metrics,
                 "time/learner_compute_s": learner_seconds,
                 "rollout/restarts": rollouts.restarts,
+                "learner/restarts": learner_restarts,
                 "rollout/staleness": learner_metrics["policy_version"] - 1 - min(s.policy_version for s in batch.samples),
                 "data/truncated_prompts": batch.truncated_prompts,
             }
             if evaluator.validation_due(step):
-                metrics.update(evaluator.validate(step, policy))
+                metrics.update(evaluator.validate(step, rollouts.current_update))
                 timer.lap("eval")
             metrics.update({key: value for key, value in timer.metrics().items() if key != "time/wait_s"})
             history.append(metrics)
@@ -171,10 +206,13 @@ def run_training(config: RunConfig, output_dir: Path, releases: list) -> dict:
             logger.log_samples(step, batch.samples, config.logging.samples_per_step)
             if config.train.checkpoint_every and (step + 1) % config.train.checkpoint_every == 0:
                 checkpoint(learners, rewards, output_dir, step, sampler, probe_sampler, evaluator, ahead)
+            bar.advance(metrics)
+            step += 1
         final_checkpoint = checkpoint(learners, rewards, output_dir, config.train.steps - 1, sampler, probe_sampler,
                                       evaluator, ahead)
-        test_metrics = evaluator.test(policy)
+        test_metrics = evaluator.test(rollouts.current_update)
     finally:
+        bar.close()
         logger.close()
     results = summarise(history, time.perf_counter() - run_start, sft_metrics, final_checkpoint, output_dir)
     results["rollout_engine"] = engine.to_dict()
@@ -183,6 +221,14 @@ def run_training(config: RunConfig, output_dir: Path, releases: list) -> dict:
     results.update(evaluator.best_summary())
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def latest_checkpoint(output_dir: Path) -> Path:
+    """The newest output_dir/checkpoints/step_N (step_000000 holds the state before the first step)."""
+    checkpoints = sorted((output_dir / "checkpoints").glob("step_*"))
+    if not checkpoints:
+        raise RuntimeError(f"no checkpoint under {output_dir / 'checkpoints'} to restart the learners from")
+    return checkpoints[-1]
 
 
 def read_resume_state(config: RunConfig, output_dir: Path) -> dict | None:
@@ -197,10 +243,10 @@ def read_resume_state(config: RunConfig, output_dir: Path) -> dict | None:
     return json.loads(state_file.read_text())
 
 
-def restore_run(config: RunConfig, output_dir: Path, resume: dict, learners: LearnerGroup, rewards: RewardPool,
+def restore_run(checkpoint_dir: str | Path, output_dir: Path, resume: dict, learners: LearnerGroup, rewards: RewardPool,
                 sampler: PromptSampler, probe_sampler: PromptSampler, evaluator: Evaluator) -> tuple[int, list[dict]]:
     """Put every actor and the driver back in the checkpoint's state; returns the next step and the history so far."""
-    learners.load_checkpoint(config.train.resume_from)
+    learners.load_checkpoint(str(checkpoint_dir))
     rewards.load_state_dict(resume["reward_normalizer"])
     sampler.restore(PromptCursor(**resume["prompt_cursor"]))
     probe_sampler.restore(PromptCursor(**resume["probe_cursor"]))
@@ -387,19 +433,28 @@ def summarise(history: list[dict], wall_seconds: float, sft_metrics: dict, final
     }
 
 
-def progress(steps, enabled: bool, history: list[dict]):
-    """Iterate `steps` with a progress bar showing the latest reward and KL."""
-    if not enabled:
-        yield from steps
-        return
-    from tqdm import tqdm
+class ProgressBar:
+    """A progress bar over the steps showing the latest reward, KL and logprob gap (nothing when disabled)."""
 
-    bar = tqdm(steps, desc="train", unit="step", dynamic_ncols=True)
-    for step in bar:
-        yield step
-        if history:
-            last = history[-1]
-            postfix = {"reward": f"{last['reward_mean']:.3f}", "kl": f"{last['kl']:.4f}"}
-            if "rollout/logprob_gap" in last:
-                postfix["gap"] = f"{last['rollout/logprob_gap']:.1e}"
-            bar.set_postfix(postfix)
+    def __init__(self, enabled: bool, total: int, initial: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True) if enabled else None
+
+    def advance(self, last: dict) -> None:
+        if self.bar is None:
+            return
+        postfix = {"reward": f"{last['reward_mean']:.3f}", "kl": f"{last['kl']:.4f}"}
+        if "rollout/logprob_gap" in last:
+            postfix["gap"] = f"{last['rollout/logprob_gap']:.1e}"
+        self.bar.set_postfix(postfix)
+        self.bar.update(1)
+
+    def rewind(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

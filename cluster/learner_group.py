@@ -35,10 +35,22 @@ class LearnerGroup:
         """Rank 0's actor handle."""
         return self.actors[0]
 
+    def alive(self) -> bool:
+        """Whether every rank still answers."""
+        try:
+            ray.get([actor.__ray_ready__.remote() for actor in self.actors], timeout=60)
+            return True
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return False
+
     def release(self) -> None:
+        """Stop the ranks and free their placement group (once; later calls do nothing)."""
+        if self.placement is None:
+            return
         for actor in self.actors:
             ray.kill(actor)
         remove_placement_group(self.placement)
+        self.placement = None
 
     def warm_start(self, texts: list[str], sft_config, output_dir: str) -> dict:
         """Full-parameter SFT on rank 0; the other ranks then load its result as their base model."""
@@ -58,8 +70,7 @@ class LearnerGroup:
         batch = ray.put(samples)
         return [actor.train_step.remote(batch, rewards, group_sizes) for actor in self.actors]
 
-    @staticmethod
-    def finish(pending: list) -> dict:
+    def finish(self, pending: list) -> dict:
         return ray.get(pending)[0]
 
     def train_step(self, samples, rewards: list[float], group_sizes: list[int]) -> dict:

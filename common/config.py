@@ -463,7 +463,18 @@ class TrainConfig(Section):
     num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for the learner actor.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs for the learner actor.")
     threads: int | None = Field(None, ge=1, description="CPU threads each learner uses. None (default) derives it from cluster.placement: the run's cores under 'colocate' (phases take turns), the actor's num_cpus under 'split'.")
-    checkpoint_every: int = Field(0, ge=0, description="Save the adapter every N steps (0 = only at the end).")
+    checkpoint_every: int = Field(
+        0, ge=0,
+        description="Save a checkpoint (adapter, optimizer, RNG, driver state) every N steps (0 = only at the end).",
+    )
+    max_learner_restarts: int = Field(
+        0, ge=0,
+        description=(
+            "When a learner actor dies (OOM, node loss, killed), start the learner group again from the last "
+            "checkpoint (train.checkpoint_every; the state before step 0 is kept too), re-publish its adapter and "
+            "redo the steps since; at most this many times per run (0 = the run fails)."
+        ),
+    )
     grad_variance_every: int = Field(
         0, ge=0,
         description=(

@@ -39,3 +39,42 @@ def test_resumed_run_reproduces_the_uninterrupted_one(method, extra, warm_model_
     assert results["steps"] == 4
     # With bounded staleness the batch of step t+1 was generated during step t (and carried by the checkpoint).
     assert [m["rollout/staleness"] for m in got] == ([0, 1, 1, 1] if extra else [0, 0, 0, 0])
+
+
+@pytest.mark.slow
+def test_a_dead_learner_is_restarted_from_the_last_checkpoint_and_the_run_ends_as_if_uninterrupted(
+        warm_model_dir, ray_session, tmp_path, monkeypatch):
+    import ray
+
+    from raylign.cluster.learner_group import LearnerGroup
+
+    common = [f"model.path={warm_model_dir}", "sft.steps=0", "rollout.backend=hf", "train.steps=4",
+              "train.checkpoint_every=2", "train.prompts_per_step=4", "logging.progress=false",
+              "reward.normalize=running", "train.max_learner_restarts=1"]
+    whole = tmp_path / "whole"
+    train(load_config("configs/quickstart.yaml", [f"output_dir={whole}", *common]))
+
+    launches = []
+    start_train_step = LearnerGroup.start_train_step
+
+    def start_that_loses_the_learner_in_step_3(self, *args):
+        launches.append(1)
+        if len(launches) == 4:
+            ray.kill(self.leader, no_restart=True)  # an OOM kill or a lost node, as the driver sees it
+        return start_train_step(self, *args)
+
+    monkeypatch.setattr(LearnerGroup, "start_train_step", start_that_loses_the_learner_in_step_3)
+    crashed = tmp_path / "crashed"
+    results = train(load_config("configs/quickstart.yaml", [f"output_dir={crashed}", *common]))
+
+    def metrics(run):
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    expected, got = metrics(whole), metrics(crashed)
+    assert len(launches) == 6  # steps 0-3 (3 lost), then 2 and 3 again from the checkpoint taken after step 1
+    assert [m["step"] for m in got] == [0, 1, 2, 3] and [m["learner/restarts"] for m in got] == [0, 0, 1, 1]
+    for before, after in zip(expected, got):
+        assert after["reward_mean"] == before["reward_mean"]
+        for key in ("loss", "kl", "grad_norm", "reward/running_mean"):
+            assert after[key] == pytest.approx(before[key], rel=1e-4, abs=1e-7), key
+    assert results["steps"] == 4
