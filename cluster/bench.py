@@ -1,4 +1,4 @@
-"""`raylign bench rollout`: rollout throughput, adapter publish latency, share of a step spent in sync.
+"""`raylign bench rollout` (and `train`, in bench_train.py): rollout throughput, adapter publish latency, share of a step spent in sync.
 
 Benchmarks, not tests: the numbers go to a JSON file and the README.
 """
@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from raylign.cluster.bench_train import MODES, bench_train
 from raylign.common.config import load_config
 
 
@@ -106,7 +107,18 @@ def bench_main(argv: list[str]) -> int:
     rollout.add_argument("--rounds", type=int, default=5, help="timed generate calls and publishes per worker count")
     rollout.add_argument("--train-steps", type=int, default=11, help="training steps for the sync-share measurement")
     rollout.add_argument("overrides", nargs="*", help="config overrides, section.field=value")
+    training = commands.add_parser("train", help="seconds per step of raylign's modes and of TRL's GRPOTrainer, side by side")
+    training.add_argument("--out", default="bench_train.json", help="JSON file to write")
+    training.add_argument("--steps", type=int, default=8, help="training steps per run")
+    training.add_argument("--warmup-steps", type=int, default=2, help="first steps left out of the medians")
+    training.add_argument("--workloads", nargs="+", default=["tiny", "llama_86m"], choices=["tiny", "llama_86m"],
+                          help="the built-in tiny Llama and/or an ~86M-parameter random Llama of the same family")
+    training.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), help="raylign modes to run")
     args = parser.parse_args(argv)
+    if args.benchmark == "train":
+        result = bench_train(args.steps, args.warmup_steps, args.workloads, args.modes, args.out)
+        print(json.dumps(result, indent=2))
+        return 0
     result = bench_rollout(args.config, args.overrides, args.workers, args.prompts, args.rounds, args.train_steps)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
