@@ -9,8 +9,9 @@ makes `epochs` passes of `num_minibatches` optimizer steps.
 
 Micro-batches only split the work of a minibatch. Every loss term of a micro-batch is a *sum* divided by
 counts over the whole minibatch (`algorithms.Normaliser`: tokens for token means, sequences for sequence
-means), so the accumulated gradient is the minibatch's gradient whatever `micro_batch_size` is; a
-data-parallel rank would split the work the same way.
+means), so the accumulated gradient is the minibatch's gradient whatever `micro_batch_size` is.
+Data-parallel ranks split the work the same way: each holds its rows of the batch, `ranks` gathers what
+couples rows (group advantages, PPO's whitening) and sums the gradients (learner/data_parallel.py).
 
 With one epoch and one minibatch, and when the advantages do not depend on the policy's logprobs (not
 PPO, KL not in the reward), the weights that score the training forward are the weights that sampled the
