@@ -64,6 +64,15 @@ class RolloutWorker:
         self.policy_version = update.version
         return time.perf_counter() - start
 
+    def use_base_model(self, version: int = 0) -> None:
+        """Sample from the model as loaded, without an adapter (evaluating a base or SFT model itself)."""
+        if self.policy_version is not None:
+            raise RuntimeError(
+                f"use_base_model after policy version {self.policy_version} was loaded: the engine would keep that "
+                "adapter; sample the base model from a fresh rollout actor"
+            )
+        self.policy_version = version
+
     def generate(self, prompts: list[PromptItem], settings: SamplingSettings) -> list[Sample]:
         if self.policy_version is None:
             raise RuntimeError("generate called before any adapter was loaded; the driver must publish version 0 first")

@@ -1,4 +1,4 @@
-"""`raylign` command line: train, pipeline, bench, report, judge, tiny-model."""
+"""`raylign` command line: train, pipeline, evaluate, bench, report, judge, tiny-model."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("bench", help="benchmarks that write JSON (raylign bench rollout --help)", add_help=False)
     commands.add_parser("report", help="compare run directories: comparison.json, LaTeX table, plots, report.md", add_help=False)
-    commands.add_parser("pipeline", help="run named stages (SFT -> RM -> RL/DPO) from one config", add_help=False)
+    commands.add_parser("pipeline", help="run named stages (SFT -> RM -> RL/DPO -> evaluate -> report) from one config", add_help=False)
+    commands.add_parser("evaluate", help="score models on the same held-out prompts: reward, KL, diversity, pass@k, plots", add_help=False)
     commands.add_parser("judge", help="LLM-as-judge win rate of one run's samples against another's", add_help=False)
 
     tiny = commands.add_parser(
@@ -57,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         from raylign.cluster.pipeline import pipeline_main
 
         return pipeline_main(argv[1:])
+    if argv[:1] == ["evaluate"]:
+        from raylign.cluster.model_evaluation import evaluate_main
+
+        return evaluate_main(argv[1:])
     if argv[:1] == ["judge"]:
         from raylign.cluster.judge_cli import judge_main
 

@@ -1,7 +1,10 @@
 """`raylign pipeline CONFIG`: named stages in order, on Ray, each stage's artefact feeding the next by path.
 
 Every stage runs in `output_dir/<stage name>/`. Offline stages (sft, reward_model, dpo) run in an
-`OfflineTrainer` actor with the stage's resources; a train stage is an RL run of the driver. A stage whose
+`OfflineTrainer` actor with the stage's resources; a train stage is an RL run of the driver, once per seed when
+it has seeds (`<stage>/seed_<s>/`, every seed on the same SFT and reward-model artefacts); an evaluate stage
+scores models (`cluster.model_evaluation`); a report stage compares train stages across seeds
+(`cluster.report`). A stage whose
 `results.json` exists is done and is skipped on a re-run, unless forced; forcing a stage also re-runs every
 stage that uses its artefact. `pipeline.json` records each stage's status, artefact, seconds and key metrics,
 and is rewritten after every stage, so a failed run shows how far it got.
@@ -21,8 +24,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from raylign.common.config import ConfigError, RewardConfig, RolloutConfig, TrainConfig, config_to_yaml, fields_help
+from raylign.common.evaluate_config import ScorerConfig
 from raylign.common.pipeline_config import (
+    REFERENCE,
+    EvaluateStage,
     PipelineConfig,
+    ReportStage,
     Stage,
     TrainStage,
     describe_pipeline_fields,
@@ -37,7 +44,7 @@ KEY_METRICS = {
     "sft": ("loss_last", "eval/loss_before", "eval/loss", "eval/perplexity"),
     "reward_model": ("val/accuracy", "val/loss", "val/margin_mean", "num_mistakes"),
     "dpo": ("rewards/margins", "rewards/accuracies", "eval/rewards/margins", "eval/rewards/accuracies"),
-    "train": ("reward_first_10pct", "reward_last_10pct", "kl_last", "logprob_gap_max"),
+    "train": ("reward_first_10pct", "reward_last_10pct", "kl_last", "logprob_gap_max", "test/reward_mean"),
 }
 
 
@@ -89,12 +96,16 @@ def run_stage(stage: Stage, stage_dir: Path, config: PipelineConfig, artefacts: 
     """One stage with its references resolved: an RL run of the driver, or an OfflineTrainer actor."""
     import ray
 
+    if isinstance(stage, ReportStage):
+        return run_report_stage(stage, stage_dir, config)
     start_pipeline_ray(config)
     check_gpus(stage)
     if isinstance(stage, TrainStage):
-        from raylign.cluster.driver import train
+        return run_train_stage(stage, stage_dir, config, artefacts)
+    if isinstance(stage, EvaluateStage):
+        from raylign.cluster.model_evaluation import evaluate
 
-        return train(stage.run_config(str(stage_dir), config.seed, config.cluster, artefacts))
+        return evaluate(stage.evaluate_config(str(stage_dir), config.seed, config.cluster, artefacts))
     from raylign.learner.offline_jobs import OfflineTrainer
 
     resolved = resolve_stage(stage, artefacts)
@@ -106,6 +117,41 @@ def run_stage(stage: Stage, stage_dir: Path, config: PipelineConfig, artefacts: 
         return ray.get(getattr(trainer, resolved.kind).remote(resolved, str(stage_dir)))
     finally:
         ray.kill(trainer)
+
+
+def run_train_stage(stage: TrainStage, stage_dir: Path, config: PipelineConfig, artefacts: dict[str, str]) -> dict:
+    """One RL run, or one per seed into stage_dir/seed_<s>; with seeds the stage directory is the artefact and
+    its results.json holds each seed's results and the mean of the key metrics."""
+    from raylign.cluster.driver import train_each_seed
+
+    run = stage.run_config(str(stage_dir), config.seed, config.cluster, artefacts, config.seeds)
+    runs = train_each_seed(run)
+    if not run.seeds:
+        return runs[0]
+    key_metrics = {}
+    for key in KEY_METRICS["train"]:
+        values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+        if len(values) == len(runs):
+            key_metrics[key] = sum(values) / len(values)
+    results = {"artefact": str(stage_dir.resolve()), "seeds": list(run.seeds), "runs": runs,
+               "wall_seconds": sum(r["wall_seconds"] for r in runs), "key_metrics": key_metrics}
+    (stage_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def run_report_stage(stage: ReportStage, stage_dir: Path, config: PipelineConfig) -> dict:
+    """`raylign report` over the named train stages (every seed run of each), written into the stage directory."""
+    from raylign.cluster.report import write_report
+
+    start = time.perf_counter()
+    output_dir = Path(config.output_dir).resolve()
+    comparison = write_report([output_dir / name for name in stage.runs], stage_dir, threshold=stage.threshold,
+                              n_resamples=stage.bootstrap_resamples, seed=config.seed, vary=stage.vary,
+                              allow_different=stage.allow_different)
+    key_metrics = {f"{method}/final_reward": m["final_reward"]["mean"] for method, m in comparison["methods"].items()}
+    results = {"artefact": str(stage_dir.resolve()), "seconds": time.perf_counter() - start, "key_metrics": key_metrics}
+    (stage_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
 
 
 def clear_stage_dir(stage_dir: Path) -> None:
@@ -143,9 +189,12 @@ def read_results(stage_dir: Path) -> dict | None:
 
 def stage_summary(stage: Stage, results: dict) -> dict:
     """Artefact, seconds and key metrics of a finished stage, from its results."""
-    artefact = results["final_checkpoint"] if isinstance(stage, TrainStage) else results["artefact"]
+    artefact = results.get("artefact") or results["final_checkpoint"]
     seconds = results.get("wall_seconds") if isinstance(stage, TrainStage) else results.get("seconds")
-    metrics = {key: results[key] for key in KEY_METRICS[stage.kind] if key in results}
+    if "key_metrics" in results:
+        metrics = dict(results["key_metrics"])
+    else:
+        metrics = {key: results[key] for key in KEY_METRICS.get(stage.kind, ()) if key in results}
     return {"artefact": artefact, "seconds": seconds, "metrics": metrics}
 
 
@@ -168,6 +217,13 @@ def start_pipeline_ray(config: PipelineConfig) -> None:
 
 def stage_cpus(stage: Stage) -> float:
     """CPUs Ray must have for the stage's actors to start (logical: they time-share the real cores)."""
+    if isinstance(stage, ReportStage):
+        return 0.0
+    if isinstance(stage, EvaluateStage):
+        spec = stage.evaluation
+        return (_value(spec, "rollout", "num_cpus", RolloutConfig) * _value(spec, "rollout", "num_workers", RolloutConfig)
+                + _value(spec, "reward", "num_cpus", RewardConfig) * _value(spec, "reward", "num_workers", RewardConfig)
+                + _value(spec, "scorer", "num_cpus", ScorerConfig))
     if not isinstance(stage, TrainStage):
         return stage.resources.num_cpus
     return (_run_value(stage, "train", "num_cpus", TrainConfig) * _run_value(stage, "train", "num_learners", TrainConfig)
@@ -180,7 +236,10 @@ def check_gpus(stage: Stage) -> None:
     import ray
 
     available = ray.cluster_resources().get("GPU", 0.0)
-    if isinstance(stage, TrainStage):
+    if isinstance(stage, EvaluateStage):
+        requests = [(f"evaluation.{section}.num_gpus", _value(stage.evaluation, section, "num_gpus", model))
+                    for section, model in (("rollout", RolloutConfig), ("reward", RewardConfig), ("scorer", ScorerConfig))]
+    elif isinstance(stage, TrainStage):
         requests = [(f"run.{section}.num_gpus", _run_value(stage, section, "num_gpus", model))
                     for section, model in (("train", TrainConfig), ("rollout", RolloutConfig), ("reward", RewardConfig))]
     else:
@@ -195,7 +254,12 @@ def check_gpus(stage: Stage) -> None:
 
 def _run_value(stage: TrainStage, section: str, name: str, model) -> float:
     """A number from a train stage's run config, or its default."""
-    return stage.run.get(section, {}).get(name, model.model_fields[name].default)
+    return _value(stage.run, section, name, model)
+
+
+def _value(config: dict, section: str, name: str, model) -> float:
+    """A number from a stage's nested config (run, evaluation), or its default."""
+    return (config.get(section) or {}).get(name, model.model_fields[name].default)
 
 
 def _write_summary(output_dir: Path, summary: dict, start: float) -> dict:
@@ -222,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raylign pipeline",
         description=(
-            "Run the stages of a pipeline config in order (sft, reward_model, dpo, train), each in "
+            "Run the stages of a pipeline config in order (sft, reward_model, dpo, train, evaluate, report), each in "
             "output_dir/<stage>/; finished stages are skipped. Example: raylign pipeline "
             "configs/pipelines/gpt2_hh_rlhf_tiny.yaml stages.sft.training.steps=50 --force sft"
         ),
@@ -234,7 +298,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", nargs="*", metavar="STAGE",
         help="re-run finished stages: every stage when no name follows, else the named ones and the stages using their artefacts",
     )
+    parser.add_argument(
+        "--check", action="store_true",
+        help="validate the config (every stage, its references and nested run/evaluation configs) and list the stages; "
+             "runs nothing and downloads nothing",
+    )
     return parser
+
+
+def describe_stages(config: PipelineConfig) -> list[str]:
+    """One line per stage: name, kind, seeds and the stages it uses."""
+    lines = []
+    for stage in config.stages:
+        uses = sorted({name for _, value in stage.reference_fields() for name in REFERENCE.findall(value)})
+        seeds = ""
+        if isinstance(stage, TrainStage):
+            seeds = f" seeds {stage.run.get('seeds') or config.seeds or [stage.run.get('seed', config.seed)]}"
+        parts = [f"{stage.name:<16} {stage.kind:<12}", seeds.strip(), f"uses {', '.join(uses)}" if uses else ""]
+        lines.append(" ".join(part for part in parts if part))
+    return lines
 
 
 def pipeline_main(argv: list[str] | None = None) -> int:
@@ -252,6 +334,10 @@ def pipeline_main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"raylign: {error}", file=sys.stderr)
         return 2
+    if args.check:
+        print("\n".join(describe_stages(config)))
+        print(f"{args.config}: valid, {len(config.stages)} stages")
+        return 0
     try:
         summary = run_pipeline(config, force)
     except PipelineError as error:

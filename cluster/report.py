@@ -60,8 +60,8 @@ import numpy as np
 import yaml
 
 from raylign.common import statistics as stats
-from raylign.common.comparability import (Comparability, Difference, IncomparableRuns, check_comparable, method_of,
-                                          restore_pipeline_references)
+from raylign.common.comparability import (SEED_RUN, Comparability, Difference, IncomparableRuns, check_comparable,
+                                          method_of, restore_pipeline_references)
 from raylign.common.config import AlgorithmConfig
 
 DPI = 100
@@ -92,6 +92,7 @@ class Run:
     results: dict
     samples_path: Path | None
     config: dict = field(default_factory=dict)
+    gradient_variance: list[dict] = field(default_factory=list)  # gradient_variance.jsonl, one row per measurement
 
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """Steps and values of ``key`` over the steps that logged a finite value for it."""
@@ -198,13 +199,16 @@ def load_run(path: Path) -> Run:
     results_path = path / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     samples_path = path / "samples.jsonl"
+    variance_path = path / "gradient_variance.jsonl"
     return Run(path, str(method), config["seed"], metrics, results, samples_path if samples_path.is_file() else None,
-               config)
+               config, _read_json_lines(variance_path) if variance_path.is_file() else [])
 
 
 def experiment_config(run: Run) -> dict:
-    """The config the comparability check reads: a pipeline stage's artefact paths back as `{stage}` references."""
-    if (run.path.parent / "pipeline.yaml").is_file():
+    """The config the comparability check reads: a pipeline stage's artefact paths back as `{stage}` references
+    (the stage directory, or for a stage run at several seeds its parent, lies beside pipeline.yaml)."""
+    stage_dir = run.path.parent if SEED_RUN.match(run.path.name) else run.path
+    if (stage_dir.parent / "pipeline.yaml").is_file():
         return restore_pipeline_references(run.config)
     return run.config
 
@@ -262,6 +266,61 @@ def _run_numbers(run: Run, comparison: Comparison) -> dict:
         "grad_norm_mean": float(grad_norms.mean()) if grad_norms.size else None,
         "grad_norm_std": float(grad_norms.std(ddof=1)) if grad_norms.size >= 2 else None,
         "val_test_gap": _val_test_gap(run),
+        "grad_variance_ratio": _variance_ratio(run),
+    }
+
+
+def _variance_ratio(run: Run) -> float | None:
+    """Geometric mean over the run's gradient-variance measurements of tr Cov[g] / ||mean g||^2 (scale-free, so
+    methods with different loss scales compare; the ratios span orders of magnitude, hence the geometric mean)."""
+    ratios = [row["variance_ratio"] for row in run.gradient_variance
+              if isinstance(row.get("variance_ratio"), (int, float)) and row["variance_ratio"] > 0]
+    return float(np.exp(np.mean(np.log(ratios)))) if ratios else None
+
+
+POLICY_GRADIENT_ALGORITHMS = ("ppo", "reinforce", "grpo", "rloo")
+
+
+def gradient_variance_hypothesis(comparison: Comparison) -> dict | None:
+    """Seed grade_imdb's hypothesis 1: GRADE's gradients vary less than REINFORCE's and PPO's.
+
+    Per run, the geometric-mean variance ratio (`_variance_ratio`); per pair (a GRADE method, a policy-gradient
+    method), Welch's t-test and Cohen's d on the per-seed log10 ratios. A pair supports the hypothesis when the
+    GRADE method's mean log ratio is lower with p < 0.05, contradicts it when higher with p < 0.05, and is
+    inconclusive otherwise (or with fewer than 2 seeds on either side). None when no run measured it."""
+    ratios: dict[str, list[float]] = {}
+    algorithms: dict[str, str | None] = {}
+    for method, runs in comparison.groups.items():
+        values = [comparison.per_run[r.path]["grad_variance_ratio"] for r in runs]
+        values = [v for v in values if v is not None]
+        if values:
+            ratios[method], algorithms[method] = values, runs[0].algorithm
+    if not ratios:
+        return None
+    grade = [m for m in ratios if algorithms[m] in GRADE_ALGORITHMS]
+    policy_gradient = [m for m in ratios if algorithms[m] in POLICY_GRADIENT_ALGORITHMS]
+    pairs = []
+    for a in grade:
+        for b in policy_gradient:
+            x, y = np.log10(ratios[a]), np.log10(ratios[b])
+            row = {"grade": a, "policy_gradient": b, "n_grade": len(x), "n_policy_gradient": len(y),
+                   "log10_ratio_difference": float(x.mean() - y.mean()), "welch_t": None, "p_value": None, "cohens_d": None}
+            if len(x) >= 2 and len(y) >= 2:
+                test = stats.welch_t_test(x, y)
+                row.update(welch_t=test.t, p_value=test.p_value, cohens_d=stats.cohens_d(x, y))
+                if test.p_value < 0.05:
+                    row["verdict"] = "supported" if row["log10_ratio_difference"] < 0 else "contradicted"
+                else:
+                    row["verdict"] = "inconclusive (p >= 0.05)"
+            else:
+                row["verdict"] = "inconclusive (needs 2 seeds or more on each side)"
+            pairs.append(row)
+    return {
+        "hypothesis": "GRADE has lower gradient variance than the policy-gradient methods (seed grade_imdb, hypothesis 1)",
+        "measure": ("per run: geometric mean over its gradient_variance.jsonl measurements of tr Cov[g] / ||mean g||^2 "
+                    "(independent batches at fixed weights); tested on per-seed log10 values"),
+        "methods": {m: {"algorithm": algorithms[m], **_summary(values, comparison)} for m, values in ratios.items()},
+        "pairs": pairs,
     }
 
 
@@ -350,7 +409,7 @@ def compare(comparison: Comparison) -> dict:
             "runs": numbers,
             **{key: _summary([n[key] for n in numbers], comparison)
                for key in ("final_reward", "steps_to_threshold", "final_kl", "final_length", "grad_norm_mean",
-                           "grad_norm_std", "val_test_gap")},
+                           "grad_norm_std", "val_test_gap", "grad_variance_ratio")},
         }
     return {
         "final_reward_definition": (
@@ -368,6 +427,7 @@ def compare(comparison: Comparison) -> dict:
         "pairwise": [_pairwise(a, b, comparison) for a, b in combinations(comparison.groups, 2)],
         "tau_ablation": tau_ablation(comparison),
         "per_category": per_category(comparison),
+        "gradient_variance": gradient_variance_hypothesis(comparison),
     }
 
 
@@ -687,6 +747,33 @@ def plot_length_vs_reward(comparison: Comparison, path: Path) -> str | None:
     return None
 
 
+def plot_gradient_variance(comparison: Comparison, path: Path) -> str | None:
+    runs = [run for group in comparison.groups.values() for run in group if run.gradient_variance]
+    if not runs:
+        return "no run wrote gradient_variance.jsonl (set train.grad_variance_every)"
+    fig, (curve_ax, bar_ax) = _figure(2)
+    colours = _colours(comparison)
+    methods = [m for m, group in comparison.groups.items() if any(r.gradient_variance for r in group)]
+    for i, method in enumerate(methods):
+        for n, run in enumerate(r for r in comparison.groups[method] if r.gradient_variance):
+            rows = [row for row in run.gradient_variance if isinstance(row.get("variance_ratio"), (int, float))]
+            curve_ax.plot([row["step"] for row in rows], [row["variance_ratio"] for row in rows], marker="o",
+                          color=colours[method], alpha=0.7, label=method if n == 0 else None)
+        values = [comparison.per_run[r.path]["grad_variance_ratio"] for r in comparison.groups[method]]
+        values = [v for v in values if v is not None]
+        if values:
+            bar_ax.bar(i, float(np.exp(np.mean(np.log(values)))), color=colours[method], alpha=0.6, width=0.6)
+            bar_ax.scatter([i] * len(values), values, color="black", s=14, zorder=3)
+    curve_ax.set_yscale("log")
+    curve_ax.set(title="tr Cov[g] / ||mean g||² at fixed weights", xlabel="step", ylabel="variance ratio")
+    curve_ax.legend(fontsize="small")
+    bar_ax.set_yscale("log")
+    bar_ax.set_xticks(range(len(methods)), methods)
+    bar_ax.set(title="per seed (dots), geometric mean over seeds (bar)", ylabel="variance ratio")
+    fig.savefig(path)
+    return None
+
+
 _BARS = "bar: mean over seeds; error bar: 95% bootstrap CI over seeds (two seeds or more); dots: seeds"
 # (file, caption in report.md, plot function returning None or why it was skipped)
 PLOTS: list[tuple[str, str, Callable[[Comparison, Path], str | None]]] = [
@@ -695,6 +782,8 @@ PLOTS: list[tuple[str, str, Callable[[Comparison, Path], str | None]]] = [
     ("validation_curves.png", "Validation reward during training; test reward dashed", plot_validation_curves),
     ("val_test_gap.png", f"Generalisation gap, validation minus test reward ({_BARS})", plot_val_test_gap),
     ("grad_norm.png", "Gradient norm: curve across seeds; per-seed mean and SD over steps", plot_grad_norm),
+    ("gradient_variance.png", "Gradient variance at fixed weights (hypothesis 1): the scale-free ratio per "
+     "measurement and per seed", plot_gradient_variance),
     ("steps_to_threshold.png", f"Sample efficiency, steps to threshold ({_BARS})", plot_steps_to_threshold),
     ("final_reward.png", f"Final reward ({_BARS})", plot_final_reward),
     ("reward_vs_kl.png", "Reward vs KL: seeds (dots), method means (diamonds), Pareto front", plot_reward_vs_kl),
@@ -803,13 +892,14 @@ def _difference_rows(field: str, values: dict) -> list[str]:
     return rows
 
 
-def comparability_section(comparability: dict) -> list[str]:
+def comparability_section(comparability: dict, allow_flag: str = "--allow-different", vary_flag: str = "--vary",
+                          results_file: str = "comparison.json") -> list[str]:
     """report.md's first section: every difference allowed or varied on purpose, then what was held equal."""
     lines = ["## What differs between the runs", ""]
     kinds = [
-        ("allowed_differences", "Allowed to differ (`--allow-different`): these runs differ in more than the method, "
+        ("allowed_differences", f"Allowed to differ (`{allow_flag}`): these runs differ in more than the method, "
          "so a difference in the numbers below may come from these fields as well."),
-        ("varied", "Varied on purpose within a method (`--vary`): a method's numbers below pool its runs across "
+        ("varied", f"Varied on purpose within a method (`{vary_flag}`): a method's numbers below pool its runs across "
          "these settings."),
     ]
     for key, note in kinds:
@@ -822,7 +912,7 @@ def comparability_section(comparability: dict) -> list[str]:
         lines += ["Nothing: every run shares the controlled fields, and the runs of a method differ only in seed "
                   "and in where and how they ran.", ""]
     lines += [f"Controlled fields, held equal unless listed above: {', '.join(comparability['controlled_fields'])} "
-              "(their values: `comparability.held_equal` in `comparison.json`).", ""]
+              f"(their values: `comparability.held_equal` in `{results_file}`).", ""]
     return lines
 
 
@@ -861,6 +951,22 @@ def markdown_report(result: dict) -> str:
                          f"{_fmt(pair['dof'], 1)} | {_fmt(pair['p_value'])} | {_fmt(pair['cohens_d'], 2)} |")
         lines += ["", "With few seeds a p-value rarely clears 0.05; Cohen's d gives the size of the difference "
                   "(|d| > 0.8 large, < 0.2 negligible).", ""]
+    variance = result.get("gradient_variance")
+    if variance is not None:
+        lines += ["## Hypothesis 1: gradient variance", "", f"{variance['hypothesis']}. Measure: {variance['measure']}.", "",
+                  "| method | algorithm | seeds | variance ratio (mean ± SD over seeds) |", "|---|---|---|---|"]
+        for method, m in variance["methods"].items():
+            lines.append(f"| {method} | {m['algorithm']} | {len(m['per_seed'])} | {_pm(m)} |")
+        if variance["pairs"]:
+            lines += ["", "| GRADE method | vs | Δ mean log10 ratio | Welch t | p | Cohen's d | verdict |",
+                      "|---|---|---|---|---|---|---|"]
+            for pair in variance["pairs"]:
+                lines.append(f"| {pair['grade']} | {pair['policy_gradient']} | {_fmt(pair['log10_ratio_difference'])} | "
+                             f"{_fmt(pair['welch_t'], 2)} | {_fmt(pair['p_value'])} | {_fmt(pair['cohens_d'], 2)} | "
+                             f"{pair['verdict']} |")
+        else:
+            lines += ["", "No pair to test: the hypothesis needs a GRADE run and a policy-gradient run that both measured it."]
+        lines.append("")
     lines += ["LaTeX: `comparison.tex` (booktabs). All numbers: `comparison.json`.", "", "## Plots", ""]
     for name, caption in result["plots"].items():
         lines += [f"### {caption}", "", f"![{caption}]({name})", ""]

@@ -9,6 +9,9 @@ They stand in for the seeds' data sets offline, built from the same vocabulary a
   Separable by sentiment words, so a tiny reward model can learn it in a few dozen steps.
 - `builtin:movie-sentiment`: IMDB-style rows: prompt = an opening, label 1 (positive) or 0 (negative),
   extra.text = the whole review, which is what a classifier reward model reads.
+
+Every row also has `extra.category`, what its opening is about (`review_category`: overall, story, people,
+craft), so per-category evaluation (seed smollm2_orca's three prompt types) has categories offline.
 """
 
 from __future__ import annotations
@@ -23,6 +26,23 @@ BUILTIN_PREFERENCES = "builtin:movie-preferences"
 BUILTIN_SENTIMENT = "builtin:movie-sentiment"
 DEFAULT_ROWS = 2000
 MOODS = ("positive", "negative", "neutral")
+
+
+# What an opening's subject is about: the prompt categories of the built-in data.
+REVIEW_CATEGORIES = {
+    "overall": ("the movie", "this film", "the sequel", "the first half", "the ending"),
+    "story": ("the story", "the plot", "the script", "the dialogue", "the characters"),
+    "people": ("the acting", "the director", "the cast", "the lead actor", "the villain"),
+    "craft": ("the music", "the soundtrack", "the camera work"),
+}
+
+
+def review_category(opening: str) -> str:
+    """The category of a review opening ('Honestly, the plot was' -> 'story'), from the subject it names."""
+    for category, subjects in REVIEW_CATEGORIES.items():
+        if any(f" {subject} " in f" {opening} " for subject in subjects):
+            return category
+    raise ValueError(f"opening {opening!r} names no known subject; the built-in vocabulary changed without REVIEW_CATEGORIES")
 
 
 def review_continuation(rng: random.Random, mood: str) -> str:
@@ -43,7 +63,8 @@ def movie_reviews(num_rows: int = DEFAULT_ROWS, seed: int = 0) -> list[Preferenc
     for _ in range(num_rows):
         opening, mood = synthetic_prompt(rng), rng.choice(MOODS)
         rest = review_continuation(rng, mood)
-        rows.append(PreferenceExample(prompt=opening, chosen=rest, extra={"text": f"{opening} {rest}", "mood": mood}))
+        rows.append(PreferenceExample(prompt=opening, chosen=rest, extra={"text": f"{opening} {rest}", "mood": mood,
+                                                                          "category": review_category(opening)}))
     return rows
 
 
@@ -54,6 +75,7 @@ def movie_preferences(num_rows: int = DEFAULT_ROWS, seed: int = 0) -> list[Prefe
         opening = synthetic_prompt(rng)
         rows.append(PreferenceExample(
             prompt=opening, chosen=review_continuation(rng, "positive"), rejected=review_continuation(rng, "negative"),
+            extra={"category": review_category(opening)},
         ))
     return rows
 
@@ -64,7 +86,8 @@ def movie_sentiment(num_rows: int = DEFAULT_ROWS, seed: int = 0) -> list[Prefere
     for _ in range(num_rows):
         opening, label = synthetic_prompt(rng), int(rng.random() < 0.5)
         rest = review_continuation(rng, "positive" if label else "negative")
-        rows.append(PreferenceExample(prompt=opening, label=label, extra={"text": f"{opening} {rest}"}))
+        rows.append(PreferenceExample(prompt=opening, label=label, extra={"text": f"{opening} {rest}",
+                                                                          "category": review_category(opening)}))
     return rows
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,9 @@ from raylign.common.config import RewardSourceConfig, RunConfig
 # The sample budget, train.steps × train.prompts_per_step × rollout.samples_per_prompt: a derived field, since
 # methods reach it differently (PPO with one sample per prompt, GRPO with a group of K).
 TOTAL_SAMPLES = "total_samples"
+
+# A run directory `seeds:` wrote: <output_dir>/seed_<s>.
+SEED_RUN = re.compile(r"^seed_-?\d+$")
 
 # Fields every run of a comparison shares; a name covers the fields below it.
 CONTROLLED_FIELDS: tuple[str, ...] = (
@@ -177,13 +181,15 @@ def experiment_fields(config: Mapping) -> dict[str, Any]:
 def restore_pipeline_references(config: Mapping) -> dict:
     """A pipeline stage's config with its sibling stages' artefact paths written back as `{stage}` references.
 
-    A pipeline runs every stage in ``<pipeline output_dir>/<stage>``, so a stage run at another pipeline seed
-    names another directory for the same `{sft}`; read back as references, runs of the same stage at two seeds
-    compare equal.
+    A pipeline runs every stage in ``<pipeline output_dir>/<stage>`` (a stage with seeds in
+    ``<stage>/seed_<s>``), so a stage run at another pipeline seed names another directory for the same `{sft}`;
+    read back as references, runs of the same stage at two seeds compare equal.
     """
     if not config.get("output_dir"):
         return dict(config)
-    root = str(Path(config["output_dir"]).parent) + "/"
+    run_dir = Path(config["output_dir"])
+    stage_dir = run_dir.parent if SEED_RUN.match(run_dir.name) else run_dir
+    root = str(stage_dir.parent) + "/"
 
     def restore(value: Any) -> Any:
         if isinstance(value, str) and value.startswith(root):

@@ -251,3 +251,99 @@ def response_length_stats(lengths: Sequence[int], max_new_tokens: int | None = N
     if max_new_tokens is not None:
         summary["truncated_fraction"] = sum(1 for length in lengths if length >= max_new_tokens) / len(lengths)
     return summary
+
+
+def sequence_kl(policy_logprobs: Sequence[Sequence[float]], reference_logprobs: Sequence[Sequence[float]]) -> dict[str, list[float]]:
+    """Per-sequence KL(model || reference) of a model's own samples, from each completion token's logprob under
+    both: ``k3`` (sum of exp(r) - 1 - r, r = ref - model; never negative, the estimate reported as KL) and ``k1``
+    (sum of model - ref, the seed gpt2_hh_rlhf's E[log P - log P_ref]; unbiased too, but negative on some samples)."""
+    if len(policy_logprobs) != len(reference_logprobs):
+        raise ValueError(f"{len(policy_logprobs)} policy sequences but {len(reference_logprobs)} reference sequences")
+    k3, k1 = [], []
+    for index, (policy, reference) in enumerate(zip(policy_logprobs, reference_logprobs)):
+        if len(policy) != len(reference):
+            raise ValueError(f"sequence {index}: {len(policy)} policy logprobs but {len(reference)} reference logprobs")
+        ratios = [r - p for p, r in zip(policy, reference)]
+        k3.append(math.fsum(math.expm1(x) - x for x in ratios))
+        k1.append(-math.fsum(ratios))
+    return {"k3": k3, "k1": k1}
+
+
+def evaluation_metrics(
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    lengths: Sequence[int],
+    rewards: Sequence[float | None],
+    *,
+    samples_per_prompt: int,
+    pass_k: Sequence[int] = (1,),
+    pass_threshold: float = 0.5,
+    components: dict[str, Sequence[float | None]] | None = None,
+    categories: dict[str, str] | None = None,
+    policy_logprobs: Sequence[Sequence[float]] | None = None,
+    reference_logprobs: Sequence[Sequence[float]] | None = None,
+    behaviour_logprobs: Sequence[Sequence[float]] | None = None,
+    max_new_tokens: int | None = None,
+) -> dict[str, float | int]:
+    """Every number an evaluation reports for one model, from its samples: K consecutive samples per prompt.
+
+    - ``reward_mean``/``reward_std`` (population) over samples with a reward; ``invalid_count`` without one;
+      ``reward/<source>_mean``/``_std`` per reward source (``components``: label -> score per sample);
+    - ``kl`` / ``kl_std``: mean and population std over sequences of the k3 sum (:func:`sequence_kl`),
+      ``kl_k1``: mean of the k1 sum, ``reference_perplexity``: exp of the reference's mean NLL per completion
+      token, all when reference logprobs are given; ``logprob_gap``: mean |behaviour - policy| per token;
+    - ``length_mean``/``length_std``/``truncated_fraction`` in tokens; ``distinct_1``, ``distinct_2``,
+      ``self_bleu`` over all completions;
+    - ``pass@k`` for each k (an invalid sample counts as a failure);
+    - ``category/<name>/reward_mean`` and ``category/<name>/samples`` (``categories``: prompt -> category).
+    """
+    n = len(prompts)
+    if not (len(completions) == len(lengths) == len(rewards) == n):
+        raise ValueError(f"prompts, completions, lengths and rewards need one entry per sample; got "
+                         f"{n}, {len(completions)}, {len(lengths)}, {len(rewards)}")
+    if n == 0 or n % samples_per_prompt:
+        raise ValueError(f"{n} samples is not a positive multiple of samples_per_prompt = {samples_per_prompt}")
+    valid = [reward for reward in rewards if reward is not None]
+    if not valid:
+        raise ValueError(f"none of the {n} samples has a reward; see the reward errors")
+    reward_summary = summarise_rewards(valid)
+    metrics: dict[str, float | int] = {
+        "prompts": n // samples_per_prompt, "samples": n,
+        "reward_mean": reward_summary["mean"], "reward_std": reward_summary["std"], "invalid_count": n - len(valid),
+    }
+    for label, scores in (components or {}).items():
+        scored = [score for score in scores if score is not None]
+        if scored:
+            metrics[f"reward/{label}_mean"] = statistics.fmean(scored)
+            metrics[f"reward/{label}_std"] = statistics.pstdev(scored)
+    if reference_logprobs is not None:
+        if policy_logprobs is None:
+            raise ValueError("reference logprobs without policy logprobs: KL needs both")
+        kl = sequence_kl(policy_logprobs, reference_logprobs)
+        tokens = sum(len(sequence) for sequence in reference_logprobs)
+        metrics.update(kl=statistics.fmean(kl["k3"]), kl_std=statistics.pstdev(kl["k3"]), kl_k1=statistics.fmean(kl["k1"]),
+                       reference_perplexity=perplexity(-math.fsum(x for seq in reference_logprobs for x in seq), tokens))
+    if behaviour_logprobs is not None and policy_logprobs is not None:
+        gaps = [abs(b - p) for seq_b, seq_p in zip(behaviour_logprobs, policy_logprobs, strict=True)
+                for b, p in zip(seq_b, seq_p, strict=True)]
+        metrics["logprob_gap"] = statistics.fmean(gaps) if gaps else 0.0
+    length_summary = response_length_stats(lengths, max_new_tokens)
+    metrics.update(length_mean=length_summary["mean"], length_std=length_summary["std"])
+    if max_new_tokens is not None:
+        metrics["truncated_fraction"] = length_summary["truncated_fraction"]
+    metrics.update(distinct_1=distinct_n(completions, 1), distinct_2=distinct_n(completions, 2))
+    metrics["self_bleu"] = self_bleu(completions) if n >= 2 else 0.0
+    failing = float("-inf")
+    per_prompt = [[r if r is not None else failing for r in rewards[i:i + samples_per_prompt]]
+                  for i in range(0, n, samples_per_prompt)]
+    for k in pass_k:
+        metrics[f"pass@{k}"] = pass_at_k(per_prompt, k, pass_threshold)
+    if categories:
+        by_category: dict[str, list[float]] = {}
+        for prompt, reward in zip(prompts, rewards):
+            if reward is not None and prompt in categories:
+                by_category.setdefault(categories[prompt], []).append(reward)
+        for name, values in sorted(by_category.items()):
+            metrics[f"category/{name}/reward_mean"] = statistics.fmean(values)
+            metrics[f"category/{name}/samples"] = len(values)
+    return metrics

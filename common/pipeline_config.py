@@ -17,7 +17,13 @@ is accepted and turned back into the reference, so a forgotten pair of quotes is
 
 Artefacts: `sft` → the fine-tuned model directory (LoRA merged; the adapter alone in `adapter/`);
 `reward_model` → a reward-model directory `load_reward_model` reads; `dpo` → the LoRA adapter directory;
-`train` → the final checkpoint directory (its LoRA adapter is in `adapter/`).
+`train` → the final checkpoint directory (its LoRA adapter is in `adapter/`), or, run at several seeds, the stage
+directory holding one run per seed (`seed_<s>/`); `evaluate` and `report` → their directory (evaluation.md,
+report.md and the rest).
+
+Seeds: a train stage runs once per seed of its `run.seeds`, else of the pipeline's `seeds`, else once at `seed`.
+Offline stages run once (at `seed`), so every seed's RL run starts from the same SFT model and scores with the
+same reward model.
 """
 
 from __future__ import annotations
@@ -42,10 +48,11 @@ from raylign.common.config import (
     format_validation_error,
     read_yaml_mapping,
 )
+from raylign.common.evaluate_config import EvaluateConfig, EvaluationSpec
 from raylign.common.model_checks import check_has_tokenizer
 from raylign.common.preference_data import resolve_format
 
-STAGE_KINDS = ("sft", "reward_model", "dpo", "train")
+STAGE_KINDS = ("sft", "reward_model", "dpo", "train", "evaluate", "report")
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 REFERENCE = re.compile(r"\{([^{}]*)\}")
 PATH_KEYS = frozenset({"path", "source", "prompts", "data", "adapter", "reward_model"})
@@ -107,6 +114,20 @@ class StageDataConfig(Section):
             "two splits), e.g. {rm: 0.2, policy: 0.4, val: 0.08}. Shares may sum to less than 1."
         ),
     )
+    test_split: str | None = Field(
+        "auto",
+        description=(
+            "The held-out test split, kept apart from every split of `fractions` (a prompt in it is dropped from "
+            "them) and written to prompts.jsonl as split 'test' for evaluate stages and eval.run_test: 'auto' = "
+            "the source's own (IMDB 'test', HH-RLHF 'test', UltraFeedback 'test_prefs'), else a deterministic "
+            "hold-out of `test_fraction` of the prompts (Orca, built-in data, local files); a name = that split of "
+            "the source (a local file's `split` column); null = no test split."
+        ),
+    )
+    test_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Share of the prompts held out as the test split when the source has no test split of its own."
+    )
+    max_test_rows: int | None = Field(None, ge=1, description="Read at most this many rows of the source's test split.")
     train_split: str = Field("train", description="The split of `fractions` this stage trains on.")
     eval_split: str | None = Field("eval", description="The split of `fractions` it validates on (null = no validation).")
     max_eval_rows: int | None = Field(500, ge=1, description="Validate on at most this many rows of eval_split.")
@@ -177,6 +198,11 @@ class _OfflineStage(Section):
                     f"{where}.data.{field} = '{split}' is not a split of data.fractions ({', '.join(data.fractions)}); "
                     f"name one of them, or add '{split}' to data.fractions"
                 )
+        if data.test_split is not None and "test" in data.fractions:
+            raise ValueError(
+                f"{where}.data.fractions names a split 'test', but the stage holds out its own test split "
+                f"(data.test_split = '{data.test_split}'); rename that fraction (e.g. val), or set {where}.data.test_split=null"
+            )
         if data.eval_split == data.train_split:
             raise ValueError(f"{where}.data.eval_split = '{data.eval_split}' is also the train split; validate on a held-out split")
         return self
@@ -267,45 +293,114 @@ class TrainStage(Section):
 
     @model_validator(mode="after")
     def _run_validates(self) -> "TrainStage":
-        for key in ("output_dir", "cluster"):
-            if key in self.run:
-                raise ValueError(
-                    f"stages.{self.name}.run.{key} is set by the pipeline (the stage directory, the pipeline's cluster); remove it"
-                )
-        placeholders = {name: f"{PLACEHOLDER_PREFIX}{name}" for name in referenced_stages(self.reference_fields())}
-        try:
-            RunConfig.model_validate(substitute_references(self.run, placeholders))
-        except ValidationError as error:
-            lines = format_validation_error(error).splitlines()[1:]
-            # A check that an artefact exists cannot pass before its stage has run; it runs again then.
-            real = [line.strip() for line in lines if PLACEHOLDER_PREFIX not in line]
-            if real:
-                raise ValueError("\n  ".join(f"stages.{self.name}.run: {line}" for line in real)) from None
+        _validate_nested(self.name, "run", self.run, RunConfig, ("output_dir", "cluster"),
+                         "the stage directory, the pipeline's cluster")
         return self
 
     def reference_fields(self) -> list[tuple[str, str]]:
         return [(f"run.{field}", value) for field, value in path_fields(self.run, parent_is_stage=False)]
 
-    def run_config(self, output_dir: str, seed: int, cluster: ClusterConfig, artefacts: dict[str, str]) -> RunConfig:
-        """The RunConfig of this stage with references resolved, writing to `output_dir`."""
+    def run_config(self, output_dir: str, seed: int, cluster: ClusterConfig, artefacts: dict[str, str],
+                   seeds: list[int] | None = None) -> RunConfig:
+        """The RunConfig of this stage with references resolved, writing to `output_dir`; `seeds` (the
+        pipeline's) apply unless the stage's run names its own."""
         data = {"seed": seed, **substitute_references(self.run, artefacts), "output_dir": output_dir,
                 "cluster": cluster.model_dump()}
-        try:
-            return RunConfig.model_validate(data)
-        except ValidationError as error:
-            lines = format_validation_error(error).splitlines()[1:]
-            raise ConfigError("\n  ".join(f"stages.{self.name}.run: {line.strip()}" for line in lines)) from None
+        if seeds and not self.run.get("seeds"):
+            data["seeds"] = list(seeds)
+        return _resolve_nested(self.name, "run", data, RunConfig)
 
 
-Stage = Annotated[Union[SftStage, RewardModelStage, DpoStage, TrainStage], Field(discriminator="kind")]
+class EvaluateStage(Section):
+    """A comparison of models (`raylign evaluate`), in this stage's directory."""
+
+    name: str = Field(..., description="Stage name: its directory under output_dir.")
+    kind: Literal["evaluate"] = Field(..., description="'evaluate': score models on held-out prompts; artefact = the stage directory.")
+    evaluation: dict[str, Any] = Field(
+        ...,
+        description=(
+            "The evaluation, as in `raylign evaluate` (models, reference, data, rollout, reward, pass_k, judge, ...), "
+            "models and paths given as '{stage}' where earlier stages made them. output_dir, seed and cluster come "
+            "from the pipeline."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _evaluation_validates(self) -> "EvaluateStage":
+        _validate_nested(self.name, "evaluation", self.evaluation, EvaluateConfig, ("output_dir", "cluster", "seed"),
+                         "the stage directory, the pipeline's cluster and seed")
+        return self
+
+    def reference_fields(self) -> list[tuple[str, str]]:
+        return [(f"evaluation.{field}", value) for field, value in path_fields(self.evaluation, parent_is_stage=False)]
+
+    def evaluate_config(self, output_dir: str, seed: int, cluster: ClusterConfig, artefacts: dict[str, str]) -> EvaluateConfig:
+        """The EvaluateConfig of this stage with references resolved, writing to `output_dir`."""
+        data = {**substitute_references(self.evaluation, artefacts), "output_dir": output_dir, "seed": seed,
+                "cluster": cluster.model_dump()}
+        return _resolve_nested(self.name, "evaluation", data, EvaluateConfig)
+
+
+class ReportStage(Section):
+    """`raylign report` over earlier train stages (every seed of each), in this stage's directory."""
+
+    name: str = Field(..., description="Stage name: its directory under output_dir.")
+    kind: Literal["report"] = Field(..., description="'report': compare train stages across seeds; artefact = the stage directory.")
+    runs: list[str] = Field(..., min_length=1, description="Names of the train stages to compare (each stage's seed runs are its seeds).")
+    vary: list[str] = Field(default_factory=list, description="Fields varied on purpose within a method (`raylign report --vary`).")
+    allow_different: list[str] = Field(
+        default_factory=list, description="Fields allowed to differ anyway (`raylign report --allow-different`), e.g. total_samples."
+    )
+    threshold: float = Field(0.8, gt=0, le=1, description="Steps-to-threshold target as a share of each run's reward rise.")
+    bootstrap_resamples: int = Field(10_000, ge=100, description="Bootstrap resamples of the across-seed intervals.")
+
+    def reference_fields(self) -> list[tuple[str, str]]:
+        return [(f"runs[{index}]", f"{{{name}}}") for index, name in enumerate(self.runs)]
+
+
+def _validate_nested(stage: str, key: str, data: dict, model, owned: tuple[str, ...], owner: str) -> None:
+    """Validate a stage's nested config before the pipeline runs, earlier stages' artefacts stood in by placeholders."""
+    for name in owned:
+        if name in data:
+            raise ValueError(f"stages.{stage}.{key}.{name} is set by the pipeline ({owner}); remove it")
+    placeholders = {name: f"{PLACEHOLDER_PREFIX}{name}" for name in referenced_stages(path_fields(data, False))}
+    try:
+        model.model_validate(substitute_references(data, placeholders))
+    except ValidationError as error:
+        lines = format_validation_error(error).splitlines()[1:]
+        # A check that an artefact exists cannot pass before its stage has run; it runs again then.
+        real = [line.strip() for line in lines if PLACEHOLDER_PREFIX not in line]
+        if real:
+            raise ValueError("\n  ".join(f"stages.{stage}.{key}: {line}" for line in real)) from None
+
+
+def _resolve_nested(stage: str, key: str, data: dict, model):
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        lines = format_validation_error(error).splitlines()[1:]
+        raise ConfigError("\n  ".join(f"stages.{stage}.{key}: {line.strip()}" for line in lines)) from None
+
+
+Stage = Annotated[Union[SftStage, RewardModelStage, DpoStage, TrainStage, EvaluateStage, ReportStage],
+                  Field(discriminator="kind")]
 OfflineStage = Union[SftStage, RewardModelStage, DpoStage]
 
 
 class PipelineConfig(Section):
     output_dir: str = Field("outputs/pipeline", description="Each stage writes to output_dir/<stage name>/; pipeline.json sums up.")
     seed: int = Field(0, description="Seed for every stage (data order, LoRA init, sampling); a train stage's run.seed overrides it.")
+    seeds: list[int] | None = Field(
+        None,
+        description=(
+            "Run every train stage once per seed (into <stage>/seed_<s>), e.g. [42, 123, 777]; offline stages (SFT, "
+            "RM, DPO) still run once, at `seed`, so every seed shares their artefacts. A stage's run.seeds overrides it."
+        ),
+    )
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray cluster the stages run on.")
-    stages: list[Stage] = Field(..., min_length=1, description="Stages, run in order: sft, reward_model, dpo or train.")
+    stages: list[Stage] = Field(
+        ..., min_length=1, description="Stages, run in order: sft, reward_model, dpo, train, evaluate or report."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -340,6 +435,12 @@ class PipelineConfig(Section):
                         f"stages.{stage.name}.{field} = '{value}' refers to stage '{name}', which {reason}; "
                         f"a stage can use the artefacts of earlier stages: {available}"
                     )
+            if isinstance(stage, ReportStage):
+                for name in stage.runs:
+                    if not isinstance(self.stage(name), TrainStage):
+                        raise ValueError(
+                            f"stages.{stage.name}.runs: '{name}' is a {self.stage(name).kind} stage; a report compares train stages"
+                        )
             seen.append(stage.name)
         return self
 
@@ -373,6 +474,8 @@ def path_fields(data: Any, parent_is_stage: bool, prefix: str = "") -> list[tupl
             field = f"{prefix}{key}"
             if isinstance(value, str) and key in PATH_KEYS:
                 found.append((field, value))
+            elif isinstance(value, list) and key in PATH_KEYS and all(isinstance(item, str) for item in value):
+                found.extend((f"{field}[{index}]", item) for index, item in enumerate(value))
             elif isinstance(value, (dict, list)):
                 found.extend(path_fields(value, False, f"{field}."))
     elif isinstance(data, list):
@@ -387,10 +490,14 @@ def referenced_stages(fields: list[tuple[str, str]]) -> set[str]:
 
 def substitute_references(data: Any, artefacts: dict[str, str]) -> Any:
     """A copy of `data` with every '{name}' in a path field replaced by artefacts[name]."""
+    def resolve(value: str) -> str:
+        return REFERENCE.sub(lambda m: artefacts.get(m.group(1), m.group(0)), value)
+
     if isinstance(data, dict):
         return {
-            key: (REFERENCE.sub(lambda m: artefacts.get(m.group(1), m.group(0)), value)
-                  if isinstance(value, str) and key in PATH_KEYS else substitute_references(value, artefacts))
+            key: (resolve(value) if isinstance(value, str) and key in PATH_KEYS
+                  else [resolve(item) if isinstance(item, str) else item for item in value]
+                  if isinstance(value, list) and key in PATH_KEYS else substitute_references(value, artefacts))
             for key, value in data.items()
         }
     if isinstance(data, list):
@@ -400,8 +507,8 @@ def substitute_references(data: Any, artefacts: dict[str, str]) -> Any:
 
 def resolve_stage(stage: Stage, artefacts: dict[str, str]) -> Stage:
     """An offline stage with its references replaced by artefact paths (validated again: they exist now).
-    A train stage is returned as is; `TrainStage.run_config` resolves it."""
-    if isinstance(stage, TrainStage):
+    Train, evaluate and report stages are returned as they are (`run_config` and `evaluate_config` resolve theirs)."""
+    if isinstance(stage, (TrainStage, EvaluateStage, ReportStage)):
         return stage
     data = substitute_references(stage.model_dump(mode="json"), artefacts)
     return type(stage).model_validate(data)
@@ -491,9 +598,11 @@ def describe_pipeline_fields() -> list[tuple[str, str, str]]:
     shared = set(_OfflineStage.model_fields)
     rows.extend((f"stages[kind=sft|reward_model|dpo].{name}", default, description)
                 for name, default, description in describe_fields(_OfflineStage))
-    for cls in (SftStage, RewardModelStage, DpoStage, TrainStage):
+    for cls in (SftStage, RewardModelStage, DpoStage, TrainStage, EvaluateStage, ReportStage):
         kind = cls.model_fields["kind"].annotation.__args__[0]
         rows.extend((f"stages[kind={kind}].{name}", default, description)
                     for name, default, description in describe_fields(cls)
-                    if cls is TrainStage or name.split(".")[0] not in shared)
+                    if cls in (TrainStage, EvaluateStage, ReportStage) or name.split(".")[0] not in shared)
+    rows.extend((f"stages[kind=evaluate].evaluation.{name}", default, description)
+                for name, default, description in describe_fields(EvaluationSpec))
     return rows

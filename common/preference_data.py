@@ -11,6 +11,11 @@ Every adapter turns one raw row into a `PreferenceExample`:
 For `hh-rlhf` the split is exact: `prompt + chosen` is the raw `chosen` string.
 Splits are assigned by a hash of the prompt, so they are deterministic,
 independent of row order, and a prompt never lands in two of them.
+
+Each format declares its held-out **test split** (`TEST_SPLITS`): the source's own test split where it has one
+(IMDB `test`, HH-RLHF `test`, UltraFeedback `test_prefs`), else a deterministic hold-out by prompt hash
+(`hold_out_test`: Orca, the built-in data, local files), salted apart from the training fractions so that every
+stage reading a source holds out the same prompts.
 """
 
 from __future__ import annotations
@@ -163,6 +168,39 @@ def adapt_generic(row: Mapping[str, Any], columns: Mapping[str, str] | None = No
     )
 
 
+# Seed gemma_ultrafeedback's GenRM-style SFT rows (its download_data.py): the user turn holds the prompt and the
+# chosen response followed by an instruction to rate it; the assistant turn is the score of the chosen response.
+GENRM_INSTRUCTION = "Analyze the quality of the assistant's response above and rate it on a scale of 1 to 10."
+GENRM_VERDICT = "Score: {score:.1f}/10. The response is helpful, harmless, and honest."
+# How a judgement is read back (the seed's regex): the first "Score: X/10" of a reply.
+GENRM_SCORE = re.compile(r"Score:\s*([0-9]+(?:\.[0-9]+)?)/10")
+
+
+def genrm_user_turn(prompt: str, response: str) -> str:
+    """The GenRM user message: the conversation to rate, then the instruction."""
+    return f"User: {prompt}\n\nAssistant: {response}\n\n{GENRM_INSTRUCTION}"
+
+
+def parse_genrm_score(reply: str) -> float | None:
+    """The score of a GenRM judgement ('Score: 7.5/10. ...' -> 7.5), None when the reply holds no score."""
+    match = GENRM_SCORE.search(reply)
+    return float(match.group(1)) if match else None
+
+
+def adapt_ultrafeedback_genrm(row: Mapping[str, Any]) -> PreferenceExample:
+    """`HuggingFaceH4/ultrafeedback_binarized` as GenRM SFT data: prompt = 'User: {prompt}\\n\\nAssistant:
+    {chosen}\\n\\n' + the rating instruction (one user turn), chosen = 'Score: {score_chosen:.1f}/10. ...'.
+    Only the chosen response and its score are used, as in the seed; extra.score keeps the number."""
+    example = adapt_ultrafeedback(row)
+    user = genrm_user_turn(example.prompt, example.chosen)
+    score = example.extra["score_chosen"]
+    return PreferenceExample(
+        prompt=user, chosen=GENRM_VERDICT.format(score=score),
+        extra={"score": score, "prompt_messages": [{"role": "user", "content": user}],
+               **({"prompt_id": example.extra["prompt_id"]} if "prompt_id" in example.extra else {})},
+    )
+
+
 def _require_text(row: Mapping[str, Any], column: str) -> str:
     value = row.get(column)
     if not isinstance(value, str):
@@ -175,6 +213,7 @@ ADAPTERS: dict[str, Callable[..., PreferenceExample]] = {
     "hh-rlhf": adapt_hh_rlhf,
     "ultrafeedback": adapt_ultrafeedback,
     "orca": adapt_orca,
+    "ultrafeedback-genrm": adapt_ultrafeedback_genrm,
     "jsonl": adapt_generic,
 }
 # Hub ids (lower-cased) -> format, and the split each reads by default.
@@ -185,7 +224,17 @@ HUB_FORMATS = {
     "huggingfaceh4/ultrafeedback_binarized": "ultrafeedback",
     "intel/orca_dpo_pairs": "orca",
 }
-DEFAULT_SPLITS = {"ultrafeedback": "train_prefs"}
+DEFAULT_SPLITS = {"ultrafeedback": "train_prefs", "ultrafeedback-genrm": "train_prefs"}
+# Each format's held-out test split on the hub; None: the source has none, so the test prompts are a
+# deterministic hold-out (`hold_out_test`). Local files are held out too unless a stage names their test split.
+TEST_SPLITS: dict[str, str | None] = {
+    "imdb": "test",
+    "hh-rlhf": "test",
+    "ultrafeedback": "test_prefs",
+    "ultrafeedback-genrm": "test_prefs",
+    "orca": None,
+    "jsonl": None,
+}
 _LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -290,6 +339,30 @@ IMDB_SEED_FRACTIONS = {"rm": 0.2, "policy": 0.4, "val": 0.08}
 def prompt_key(prompt: str) -> str:
     """What makes two prompts 'the same' for leakage: equal after collapsing whitespace."""
     return " ".join(prompt.split())
+
+
+# The hold-out has its own salt: which prompts are test prompts does not depend on a stage's fractions.
+TEST_HOLDOUT_SALT = "raylign-test"
+
+
+def declared_test_split(source: str, format: str = "auto") -> str | None:
+    """The source's own held-out test split (IMDB 'test', HH-RLHF 'test', UltraFeedback 'test_prefs'), or None
+    when it has none and the test prompts are held out by hash (Orca, local files, unknown formats)."""
+    name = resolve_format(source, format)
+    is_local = Path(source).suffix.lower() in _LOCAL_BUILDERS or Path(source).is_file()
+    return None if is_local else TEST_SPLITS.get(name)
+
+
+def hold_out_test(examples: Sequence[PreferenceExample], fraction: float) -> tuple[list[PreferenceExample], list[PreferenceExample]]:
+    """(rest, test): the rows whose prompt hashes below `fraction` (salted apart from the training splits) are
+    the test split of a source without one. Deterministic and independent of row order; every row of a prompt
+    goes to the same side."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"test hold-out fraction = {fraction}: must be in (0, 1)")
+    rest, test = [], []
+    for example in examples:
+        (test if prompt_bucket(example.prompt, TEST_HOLDOUT_SALT) < fraction else rest).append(example)
+    return rest, test
 
 
 def prompt_bucket(prompt: str, salt: str = "raylign") -> float:

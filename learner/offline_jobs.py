@@ -26,7 +26,14 @@ import yaml
 from raylign.common.builtin_preferences import BUILTIN_DATASETS, load_builtin_examples
 from raylign.common.model_checks import check_has_tokenizer, check_lora_targets, load_tokenizer
 from raylign.common.pipeline_config import DpoStage, OfflineStage, RewardModelStage, SftStage, StageModelConfig
-from raylign.common.preference_data import PreferenceExample, load_preference_data, prompt_key, split_by_prompt
+from raylign.common.preference_data import (
+    PreferenceExample,
+    declared_test_split,
+    hold_out_test,
+    load_preference_data,
+    prompt_key,
+    split_by_prompt,
+)
 from raylign.common.prompt_completion import check_chat_template
 from raylign.common.reward_models import (
     DTYPES,
@@ -162,8 +169,8 @@ class OfflineTrainer:
     def _splits(self, stage: OfflineStage, out: Path) -> tuple[list[PreferenceExample], list[PreferenceExample]]:
         """The stage's train and validation rows, and prompts.jsonl with the prompts of every split."""
         data, where = stage.data, f"stages.{stage.name}.data"
-        examples = load_stage_examples(stage)
-        splits = split_by_prompt(examples, data.fractions)
+        examples, test = load_stage_test_split(stage, load_stage_examples(stage))
+        splits = split_by_prompt(examples, data.fractions, fixed=None if test is None else {"test": test})
         write_split_prompts(out / "prompts.jsonl", splits)
         train = splits[data.train_split]
         if not train:
@@ -262,8 +269,26 @@ def load_stage_examples(stage: OfflineStage) -> list[PreferenceExample]:
     return load_preference_data(data.source, data.format, data.split, columns=data.columns or None, max_rows=data.max_rows)
 
 
+def load_stage_test_split(stage: OfflineStage, examples: list[PreferenceExample]) -> tuple[list[PreferenceExample], list[PreferenceExample] | None]:
+    """(training rows, test rows or None): the source's own test split, or a hash hold-out of `examples`."""
+    data = stage.data
+    if data.test_split is None:
+        return examples, None
+    split = declared_test_split(data.source, data.format) if data.test_split == "auto" else data.test_split
+    if split is None or data.source in BUILTIN_DATASETS:
+        return hold_out_test(examples, data.test_fraction)
+    test = load_preference_data(data.source, data.format, split, columns=data.columns or None, max_rows=data.max_test_rows)
+    if not test:
+        raise ValueError(
+            f"stages.{stage.name}.data.test_split = '{data.test_split}': split '{split}' of '{data.source}' has no rows; "
+            f"name the source's test split, or set test_split=auto"
+        )
+    return examples, test
+
+
 def write_split_prompts(path: Path, splits: dict[str, list[PreferenceExample]]) -> None:
-    """Distinct non-empty prompts per split as {prompt, split} lines: RL stages read it as `data.prompts`."""
+    """Distinct non-empty prompts per split as {prompt, split} lines (plus `category` where the rows have one):
+    RL and evaluate stages read it as `data.prompts`."""
     with path.open("w") as f:
         for name, rows in splits.items():
             seen = set()
@@ -271,7 +296,10 @@ def write_split_prompts(path: Path, splits: dict[str, list[PreferenceExample]]) 
                 key = prompt_key(example.prompt)
                 if key and key not in seen:
                     seen.add(key)
-                    f.write(json.dumps({"prompt": example.prompt, "split": name}) + "\n")
+                    row = {"prompt": example.prompt, "split": name}
+                    if example.extra.get("category") is not None:
+                        row["category"] = example.extra["category"]
+                    f.write(json.dumps(row) + "\n")
 
 
 def sft_target(stage: SftStage, rows: list[PreferenceExample]) -> str:

@@ -13,7 +13,7 @@ from raylign.cluster.pipeline import PipelineError, run_pipeline, stages_to_reru
 from raylign.common.builtin_preferences import movie_preferences, movie_sentiment
 from raylign.common.config import ConfigError, RunConfig
 from raylign.common.data import review_vocabulary
-from raylign.common.pipeline_config import TrainStage, load_pipeline_config
+from raylign.common.pipeline_config import EvaluateStage, ReportStage, TrainStage, load_pipeline_config
 
 torch.set_num_threads(1)
 
@@ -73,13 +73,20 @@ def test_tiny_twins_are_offline_and_their_train_stages_are_run_configs(path, tmp
             assert run.algorithm.name in ("grpo", "ppo", "reinforce", "rloo", "grade", "grade_ste")
             assert run.rollout.backend == "hf" and run.train.steps <= 3
             assert run.model.path.startswith(str(tmp_path))
+        elif isinstance(stage, EvaluateStage):
+            evaluation = stage.evaluate_config(str(tmp_path / stage.name), config.seed, config.cluster, artefacts)
+            assert evaluation.rollout.backend == "hf"
+            assert all(model.path.startswith(str(tmp_path)) for model in evaluation.models)
+        elif isinstance(stage, ReportStage):
+            assert all(isinstance(config.stage(name), TrainStage) for name in stage.runs)
         else:
             assert stage.model.path.startswith(("builtin:", "{"))
             assert stage.data.source.startswith("builtin:")
         # Stand-in artefacts, so the next stages' existence and tokenizer checks pass.
         artefacts[stage.name] = str(tmp_path / stage.name)
-        Path(artefacts[stage.name]).mkdir()
-        (Path(artefacts[stage.name]) / "tokenizer_config.json").write_text("{}")
+        for model_dir in (Path(artefacts[stage.name]), Path(artefacts[stage.name]) / "base_model"):
+            model_dir.mkdir()
+            (model_dir / "tokenizer_config.json").write_text("{}")
 
 
 def test_unknown_stage_reference_names_field_value_and_the_stages_available(tmp_path):
@@ -155,11 +162,12 @@ def test_builtin_preferences_are_deterministic_and_separable_by_sentiment():
 
 def test_forcing_a_stage_reruns_it_and_every_stage_using_its_artefact():
     config = load_pipeline_config(PIPELINES / "gpt2_hh_rlhf_tiny.yaml")
-    assert stages_to_rerun(config, ["rm"]) == {"rm", "ppo", "grpo"}
-    assert stages_to_rerun(config, ["sft"]) == {"sft", "rm", "ppo", "grpo", "dpo"}
-    assert stages_to_rerun(config, True) == {"sft", "rm", "ppo", "grpo", "dpo"}
+    assert stages_to_rerun(config, ["rm"]) == {"rm", "ppo", "grpo", "evaluate"}
+    assert stages_to_rerun(config, ["dpo"]) == {"dpo", "evaluate"}
+    assert stages_to_rerun(config, ["sft"]) == {"sft", "rm", "ppo", "grpo", "dpo", "evaluate"}
+    assert stages_to_rerun(config, True) == {"sft", "rm", "ppo", "grpo", "dpo", "evaluate"}
     assert stages_to_rerun(config, False) == set()
-    with pytest.raises(ConfigError, match="--force rn: no such stage; the stages are sft, rm, ppo, grpo, dpo"):
+    with pytest.raises(ConfigError, match="--force rn: no such stage; the stages are sft, rm, ppo, grpo, dpo, evaluate"):
         stages_to_rerun(config, ["rn"])
 
 
@@ -212,7 +220,7 @@ def test_gpt2_hh_rlhf_twin_runs_end_to_end_and_skips_finished_stages_on_rerun(ra
     summary = run_pipeline(config)
 
     rows = {row["name"]: row for row in summary["stages"]}
-    assert [row["status"] for row in summary["stages"]] == ["done"] * 5
+    assert [row["status"] for row in summary["stages"]] == ["done"] * 6
     assert all(row["artefact"] and row["seconds"] > 0 for row in rows.values())
     assert json.loads((tmp_path / "pipeline.json").read_text())["stages"] == summary["stages"]
 
@@ -227,8 +235,9 @@ def test_gpt2_hh_rlhf_twin_runs_end_to_end_and_skips_finished_stages_on_rerun(ra
     reward_model = load_reward_model(rows["rm"]["artefact"], "scalar")
     good, bad = reward_model.score_prompt_completions(["Honestly, the movie was"] * 2, ["wonderful and fun.", "awful and dull."])
     assert good > bad
-    prompt_splits = {row["split"] for row in read_jsonl(tmp_path / "rm" / "prompts.jsonl")}
-    assert prompt_splits == {"rm", "policy", "val"}
+    prompt_rows = read_jsonl(tmp_path / "rm" / "prompts.jsonl")
+    assert {row["split"] for row in prompt_rows} == {"rm", "policy", "val", "test"}
+    test_prompts = [row["prompt"] for row in prompt_rows if row["split"] == "test"]
 
     for name in ("ppo", "grpo"):
         metrics = read_jsonl(tmp_path / name / "metrics.jsonl")
@@ -246,8 +255,32 @@ def test_gpt2_hh_rlhf_twin_runs_end_to_end_and_skips_finished_stages_on_rerun(ra
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(read_jsonl(tmp_path / "dpo" / "metrics.jsonl")[0])
     assert dpo["rewards/margins"] > 0 and dpo["eval/rewards/margins"] > 0 and dpo["eval/rewards/accuracies"] > 0.9
 
+    # The seed's table: one row per model on the held-out test prompts, the same prompts for every model.
+    evaluation = json.loads((tmp_path / "evaluate" / "evaluation.json").read_text())
+    assert list(evaluation["models"]) == ["base", "sft", "ppo", "grpo", "dpo"]
+    assert (evaluation["prompts"]["split"], evaluation["prompts"]["count"]) == ("test", 12)
+    markdown = (tmp_path / "evaluate" / "evaluation.md").read_text()
+    table = markdown.split("## Results")[1].split("\n\n")[1].splitlines()
+    assert table[0].startswith("| model | seeds | reward mean | reward std | KL vs sft |") and "| length |" in table[0]
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| base", "| sft", "| ppo", "| grpo", "| dpo"]
+    assert "total_samples" in markdown.split("## Setup")[0]  # PPO's budget against GRPO's, allowed and listed first
+    for name, model in evaluation["models"].items():
+        samples = read_jsonl(tmp_path / "evaluate" / f"{name}_samples.jsonl")
+        assert len(samples) == 12 * 2 and {s["prompt"] for s in samples} == set(test_prompts[:12])
+        metrics = model["runs"][0]["metrics"]
+        assert metrics["logprob_gap"] < 1e-4  # the engine sampled the model that was scored
+        assert metrics["reward_mean"] == pytest.approx(sum(s["reward"] for s in samples) / len(samples))
+        assert metrics["kl"] == pytest.approx(sum(s["kl"] for s in samples) / len(samples))
+    assert evaluation["models"]["sft"]["runs"][0]["metrics"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert evaluation["models"]["ppo"]["runs"][0]["adapter"] == f"{rows['ppo']['artefact']}/adapter"
+    assert evaluation["models"]["dpo"]["runs"][0]["adapter"] == rows["dpo"]["artefact"]
+    for name in ("ppo", "grpo"):
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        assert results["test/prompts"] == 8 and (tmp_path / name / "checkpoints" / "best" / "adapter").is_dir()
+        assert {s["prompt"] for s in read_jsonl(tmp_path / name / "test_samples.jsonl")} <= set(test_prompts)
+
     again = run_pipeline(config)
-    assert [row["status"] for row in again["stages"]] == ["skipped"] * 5
+    assert [row["status"] for row in again["stages"]] == ["skipped"] * 6
     assert [row["artefact"] for row in again["stages"]] == [row["artefact"] for row in summary["stages"]]
 
 
@@ -260,6 +293,18 @@ def test_every_other_tiny_twin_runs_end_to_end(twin, ray_session, tmp_path):
     for stage in config.stages:
         results = json.loads((tmp_path / stage.name / "results.json").read_text())
         if stage.kind == "train":
-            metrics = read_jsonl(tmp_path / stage.name / "metrics.jsonl")
-            assert len(metrics) == results["steps"] > 0
-            assert all(math.isfinite(m["loss"]) for m in metrics)
+            for run in sorted((tmp_path / stage.name).glob("seed_*")) or [tmp_path / stage.name]:
+                metrics = read_jsonl(run / "metrics.jsonl")
+                assert len(metrics) == json.loads((run / "results.json").read_text())["steps"] > 0
+                assert all(math.isfinite(m["loss"]) for m in metrics)
+        if stage.kind == "evaluate":
+            assert (tmp_path / stage.name / "evaluation.md").is_file() and results["key_metrics"]
+    if twin == "smollm2_orca_tiny":
+        # The seed's comparison: reward per prompt category and its three plots.
+        evaluation = json.loads((tmp_path / "evaluate" / "evaluation.json").read_text())
+        categories = evaluation["prompts"]["categories"]
+        assert len(categories) >= 2 and list(evaluation["models"]) == ["base", "dpo", "ppo", "grpo"]
+        markdown = (tmp_path / "evaluate" / "evaluation.md").read_text()
+        assert "## Reward per prompt category\n\n| model | " + " | ".join(categories) + " |" in markdown
+        for name in ("reward_by_model.png", "per_category.png", "length_vs_reward.png"):
+            assert name in evaluation["plots"] and (tmp_path / "evaluate" / name).stat().st_size > 10_000

@@ -4,12 +4,16 @@ from pathlib import Path
 import pytest
 
 from raylign.common.preference_data import (
+    GENRM_INSTRUCTION,
     PreferenceExample,
     adapt_hh_rlhf,
     check_disjoint_splits,
+    declared_test_split,
     detect_format,
+    hold_out_test,
     imdb_prompt,
     load_preference_data,
+    parse_genrm_score,
     prompt_bucket,
     split_by_prompt,
     write_preference_jsonl,
@@ -188,3 +192,75 @@ def test_bad_fractions_are_refused():
         split_by_prompt(many_examples(4), {"rm": 0.6, "policy": 0.6})
     with pytest.raises(ValueError, match="split fraction rm = 0"):
         split_by_prompt(many_examples(4), {"rm": 0})
+
+
+# ----- held-out test splits -----
+
+
+def test_each_seed_data_set_declares_its_held_out_test_split():
+    assert declared_test_split("stanfordnlp/imdb") == declared_test_split("imdb") == "test"
+    assert declared_test_split("Anthropic/hh-rlhf") == "test"
+    assert declared_test_split("HuggingFaceH4/ultrafeedback_binarized") == "test_prefs"
+    assert declared_test_split("HuggingFaceH4/ultrafeedback_binarized", "ultrafeedback-genrm") == "test_prefs"
+    # Orca has no test split, nor has a local file: their test prompts are a hash hold-out.
+    assert declared_test_split("Intel/orca_dpo_pairs") is None
+    assert declared_test_split(str(FIXTURES / "hh_rlhf.jsonl")) is None
+
+
+def test_the_hold_out_is_the_same_prompts_whatever_the_row_order_or_the_training_fractions():
+    examples = many_examples(2000)
+    rest, test = hold_out_test(examples, 0.1)
+    again_rest, again_test = hold_out_test(list(reversed(examples)), 0.1)
+    assert sorted(e.chosen for e in test) == sorted(e.chosen for e in again_test)
+    assert 0.07 < len(test) / len(examples) < 0.13 and len(rest) + len(test) == len(examples)
+    for fractions in ({"rm": 0.5, "policy": 0.4, "val": 0.1}, {"train": 0.9, "val": 0.1}):
+        splits = split_by_prompt(rest, fractions, fixed={"test": test})
+        assert splits["test"] == test  # disjointness is checked by split_by_prompt
+    with pytest.raises(ValueError, match="test hold-out fraction = 1.0: must be in \\(0, 1\\)"):
+        hold_out_test(examples, 1.0)
+
+
+def offline_stage(source: str, **data):
+    from raylign.common.pipeline_config import SftStage
+
+    return SftStage.model_validate({"name": "sft", "kind": "sft", "model": {"path": "builtin:tiny-llama"},
+                                    "data": {"source": source, **data}})
+
+
+def test_an_offline_stage_reads_the_declared_test_split_or_holds_one_out():
+    from raylign.learner.offline_jobs import load_stage_examples, load_stage_test_split
+
+    stage = offline_stage(str(FIXTURES / "preferences.jsonl"), format="jsonl", test_split="test")
+    train, test = load_stage_test_split(stage, load_stage_examples(stage))
+    assert [e.prompt for e in test] == ["Summarise: the cat sat on the mat.", "Name a fruit."]
+    stage = offline_stage("builtin:movie-preferences", max_rows=400)
+    train, test = load_stage_test_split(stage, load_stage_examples(stage))
+    assert len(train) + len(test) == 400 and {e.prompt for e in train}.isdisjoint(e.prompt for e in test)
+    assert load_stage_test_split(offline_stage("builtin:movie-preferences", test_split=None), [])[1] is None
+
+
+def test_a_fraction_named_test_next_to_a_held_out_test_split_is_refused():
+    with pytest.raises(ValueError, match="names a split 'test', but the stage holds out its own test split .*rename that fraction"):
+        offline_stage("builtin:movie-preferences", fractions={"train": 0.9, "test": 0.1}, eval_split="test")
+    assert offline_stage("builtin:movie-preferences", fractions={"train": 0.9, "test": 0.1}, eval_split="test", test_split=None)
+
+
+# ----- GenRM data (seed gemma_ultrafeedback) -----
+
+
+def test_genrm_rows_put_prompt_and_chosen_answer_in_the_user_turn_and_the_score_in_the_reply():
+    examples = load_preference_data(str(FIXTURES / "ultrafeedback_binarized.jsonl"), "ultrafeedback-genrm")
+    rows = raw_rows("ultrafeedback_binarized.jsonl")
+    second = examples[1]
+    assert second.prompt == ("User: Name three primary colors.\n\nAssistant: Red, yellow and blue are the traditional "
+                             f"primary colors.\n\n{GENRM_INSTRUCTION}")
+    assert second.chosen == "Score: 9.0/10. The response is helpful, harmless, and honest."
+    assert second.rejected is None and second.prompt_messages() == [{"role": "user", "content": second.prompt}]
+    # The score regex reads every judgement back: only score_chosen is used.
+    assert [parse_genrm_score(e.chosen) for e in examples] == [row["score_chosen"] for row in rows]
+
+
+def test_genrm_score_regex_reads_the_first_score_out_of_ten():
+    assert parse_genrm_score("Score: 7.5/10. Mostly helpful.") == 7.5
+    assert parse_genrm_score("I'd say Score:10/10, then Score: 3/10") == 10.0
+    assert parse_genrm_score("Score: 7.5 out of 10") is None and parse_genrm_score("") is None

@@ -107,7 +107,9 @@ EXPECTED_PNGS = {  # 100 dpi, 5 × 4 in per panel
 def test_report_writes_every_file_and_each_png_is_a_real_image_of_the_expected_size(full_report):
     result, out = full_report
     assert {p.name for p in out.iterdir()} == {"comparison.json", "comparison.tex", "report.md", *EXPECTED_PNGS}
-    assert list(result["skipped_plots"]) == ["tau_ablation.png"]  # no GRADE run here; see the GRADE tests below
+    # no gradient-variance measurement and no GRADE run here; see the GRADE tests below
+    assert list(result["skipped_plots"]) == ["gradient_variance.png", "tau_ablation.png"]
+    assert result["gradient_variance"] is None
     for name, size in EXPECTED_PNGS.items():
         assert_real_png(out / name, size)
 
@@ -240,6 +242,38 @@ def test_tau_ablation_groups_grade_runs_by_temperature_schedule_and_plots_them(t
     assert "no run has a reward per prompt category" in result["skipped_plots"]["per_category.png"]
 
 
+def write_variance(run: Path, ratios: list[float]) -> None:
+    rows = [{"step": 10 * i, "method": "x", "trace_covariance": r, "variance_ratio": r} for i, r in enumerate(ratios)]
+    (run / "gradient_variance.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_hypothesis_1_compares_per_seed_gradient_variance_of_grade_and_policy_gradient_methods(tmp_path):
+    # Per-seed geometric means 10, 100, 10 (GRADE) and 1000, 10000, 1000 (REINFORCE): log10 1, 2, 1 against 3, 4, 3.
+    measured = {"grade": [[10, 10], [100], [1, 100]], "reinforce": [[1000], [10000], [100, 10000]]}
+    runs = []
+    for method, per_seed in measured.items():
+        for seed, ratios in enumerate(per_seed, start=1):
+            run = write_config_run(tmp_path / f"{method}-s{seed}", {"seed": seed, "algorithm": {"name": method}}, 0.5)
+            write_variance(run, ratios)
+            runs.append(run)
+    result = report.write_report(runs, tmp_path / "out", n_resamples=200)
+    variance = result["gradient_variance"]
+    assert variance["methods"]["grade"]["per_seed"] == pytest.approx([10, 100, 10])
+    assert variance["methods"]["reinforce"]["per_seed"] == pytest.approx([1000, 10000, 1000])
+    (pair,) = variance["pairs"]
+    assert (pair["grade"], pair["policy_gradient"], pair["n_grade"]) == ("grade", "reinforce", 3)
+    assert pair["log10_ratio_difference"] == pytest.approx(-2.0)
+    # both SDs sqrt(1/3): t = -2 / sqrt(2 (1/3) / 3), dof 4, d = -2 / sqrt(1/3)
+    assert pair["welch_t"] == pytest.approx(-2 / math.sqrt(2 / 9))
+    assert pair["cohens_d"] == pytest.approx(-2 / math.sqrt(1 / 3))
+    assert pair["p_value"] == pytest.approx(stats.student_t_sf_two_sided(-2 / math.sqrt(2 / 9), 4.0))
+    assert pair["p_value"] < 0.05 and pair["verdict"] == "supported"
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "## Hypothesis 1: gradient variance" in markdown and "| grade | reinforce | -2.000 |" in markdown
+    assert "gradient_variance.png" in result["plots"]
+    assert_real_png(tmp_path / "out" / "gradient_variance.png", (1000, 400))
+
+
 def test_tau_ablation_is_skipped_with_a_single_temperature_schedule(tmp_path):
     single = [run for run in GRADE_RUNS if run[2] is not TAU_1]
     groups = report.group_runs([report.load_run(p) for p in write_grade_runs(tmp_path / "runs", single)])
@@ -274,7 +308,7 @@ def test_absent_inputs_skip_their_plots_and_the_report_says_why(tmp_path):
     result = report.write_report(runs, tmp_path / "out")
     skipped = result["skipped_plots"]
     assert set(skipped) == {"validation_curves.png", "val_test_gap.png", "reward_vs_kl.png", "tau_ablation.png",
-                            "per_category.png"}
+                            "per_category.png", "gradient_variance.png"}
     assert result["per_category"] is None and result["tau_ablation"] == []
     for name, reason in skipped.items():
         assert not (tmp_path / "out" / name).exists()
@@ -347,6 +381,7 @@ def pipeline_stage_configs(path: Path, root: Path, *overrides: str) -> dict[str,
             configs[stage.name] = resolved(stage.run_config(str(root / stage.name), config.seed, config.cluster, artefacts))
         artefacts[stage.name] = str(root / stage.name)
         (root / stage.name).mkdir()
+        (root / stage.name / "tokenizer_config.json").write_text("{}")  # a model directory holds its tokenizer
     return configs
 
 
