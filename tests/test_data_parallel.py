@@ -66,17 +66,20 @@ def test_two_learners_make_the_update_of_one(ray_session, tiny_model_dir, overri
 
 
 @pytest.mark.slow
-def test_a_short_run_with_two_learners_logs_the_metrics_of_one(warm_model_dir, ray_session, tmp_path):
+def test_a_short_run_with_two_learners_and_micro_batches_logs_the_metrics_of_one_learner(
+        warm_model_dir, ray_session, tmp_path):
+    """Issue 13's run-level check too: micro_batch_size 32 (one pass) and 5 log the same grad_norm."""
     import json
 
     from raylign.cluster.driver import train
 
     common = [f"model.path={warm_model_dir}", "sft.steps=0", "rollout.backend=hf", "train.steps=3",
-              "train.prompts_per_step=4", "logging.progress=false", "train.micro_batch_size=5"]
+              "train.prompts_per_step=4", "logging.progress=false"]
     runs = {}
-    for learners in (1, 2):
+    for learners, micro_batch_size in ((1, 32), (2, 5)):
         output = tmp_path / f"learners_{learners}"
-        train(load_config("configs/quickstart.yaml", [f"output_dir={output}", f"train.num_learners={learners}", *common]))
+        train(load_config("configs/quickstart.yaml", [f"output_dir={output}", f"train.num_learners={learners}",
+                                                      f"train.micro_batch_size={micro_batch_size}", *common]))
         runs[learners] = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     for one, two in zip(runs[1], runs[2], strict=True):
         assert two["reward_mean"] == one["reward_mean"]
