@@ -281,8 +281,8 @@ def _finite_or_none(value):
     return value
 
 
-def write_outputs(result: dict, out: Path) -> dict:
-    """Add the length-reward fits, draw the plots, write evaluation.json/.md/.tex and results.json."""
+def write_outputs(result: dict, out: Path, finished: bool = True) -> dict:
+    """Add the length-reward fits, draw the plots, write evaluation.json/.md/.tex and, `finished`, results.json."""
     for model in result["models"].values():
         rows = [row for row in _read_samples(out, model) if row["reward"] is not None]
         model["length_reward_fit"] = length_reward_fit([r["num_tokens"] for r in rows], [r["reward"] for r in rows])
@@ -298,6 +298,8 @@ def write_outputs(result: dict, out: Path) -> dict:
     (out / "evaluation.json").write_text(json.dumps(clean, indent=2) + "\n")
     (out / "evaluation.md").write_text(markdown(clean, plots, skipped))
     (out / "evaluation.tex").write_text(latex(clean))
+    if not finished:
+        return clean
     # results.json marks a pipeline stage done; its key metrics go to pipeline.json.
     (out / "results.json").write_text(json.dumps({"artefact": clean["artefact"], "seconds": clean.get("seconds"),
                                                    "key_metrics": clean["key_metrics"]}, indent=2) + "\n")

@@ -39,6 +39,7 @@ from raylign.common.config import (
     ConfigError,
     RunConfig,
     apply_overrides,
+    check_model_path,
     config_to_yaml,
     describe_fields,
     fields_help,
@@ -137,6 +138,7 @@ def resolve_models(entry: EvalModelConfig, seeds: list[int] | None, build_dir: P
         return [_from_run(entry, path, None, None, field)]
     if (path / "driver_state.json").is_file():
         return [_from_run(entry, path.parent.parent, None, path, field)]
+    check_model_path(entry.path, f"{field}.path")
     if entry.checkpoint == "best":
         raise ValueError(f"{field}.checkpoint = 'best' applies to RL runs; '{entry.path}' is a model")
     if entry.adapter is not None and not (Path(entry.adapter) / "adapter_config.json").is_file():
@@ -167,8 +169,8 @@ class EvalPrompts:
     categories: dict[str, str]
 
 
-def load_prompts(config: EvaluateConfig, data_dir: Path) -> EvalPrompts:
-    """The evaluation prompts, checked apart from every other split of the same file."""
+def load_prompts(config: EvaluateConfig, data_dir: Path, instances: list[ModelInstance]) -> EvalPrompts:
+    """The evaluation prompts, checked apart from every other split of their file and from what each RL run trained on."""
     data = config.data
     texts = load_text_column(data.prompts, data.prompt_field, data.split, data_dir=data_dir)
     if data.max_prompts is not None:
@@ -177,30 +179,34 @@ def load_prompts(config: EvaluateConfig, data_dir: Path) -> EvalPrompts:
     if data.category_field is not None:
         labels = load_text_column(data.prompts, data.category_field, data.split, data_dir=data_dir)[: len(texts)]
         categories = dict(zip(texts, labels))
-    check_held_out(config, texts, data_dir)
+    check_held_out(config, texts, data_dir, instances)
     return EvalPrompts(texts, categories)
 
 
-def check_held_out(config: EvaluateConfig, texts: list[str], data_dir: Path) -> None:
-    """A prompt of the evaluation split that also sits in another split of the file (one a model trained on) is refused."""
+def check_held_out(config: EvaluateConfig, texts: list[str], data_dir: Path, instances: list[ModelInstance]) -> None:
+    """Refuse an evaluation prompt that is also in another split of its file, or among an RL run's training prompts."""
     import datasets
 
-    data = config.data
+    data, wanted = config.data, set(texts)
     source = str(write_builtin_reviews(data_dir)["prompts"]) if data.prompts == BUILTIN_REVIEWS else data.prompts
-    if not source.endswith((".json", ".jsonl")):
-        return
-    rows = datasets.load_dataset("json", data_files=source, split="train")
-    if "split" not in rows.column_names:
-        raise ValueError(
-            f"data.prompts = '{data.prompts}' has no 'split' column, so nothing shows its prompts were held out of "
-            "training; give it one (an offline stage's prompts.jsonl has it)"
-        )
-    wanted = set(texts)
-    for prompt, split in zip(rows[data.prompt_field], rows["split"]):
-        if split != data.split and prompt in wanted:
+    if source.endswith((".json", ".jsonl")):
+        rows = datasets.load_dataset("json", data_files=source, split="train")
+        if "split" in rows.column_names:
+            for prompt, split in zip(rows[data.prompt_field], rows["split"]):
+                if split != data.split and prompt in wanted:
+                    raise ValueError(
+                        f"data.prompts = '{data.prompts}': prompt {prompt!r} is in split '{data.split}' and in split "
+                        f"'{split}'; evaluation prompts must be held out of every other split"
+                    )
+    for run_dir in dict.fromkeys(i.run_dir for i in instances if i.run_dir is not None):
+        trained = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("data") or {}
+        prompts = load_text_column(trained.get("prompts", BUILTIN_REVIEWS), trained.get("prompt_field", "prompt"),
+                                   trained.get("split", "train"), data_dir=run_dir / "data")
+        leaked = wanted.intersection(prompts)
+        if leaked:
             raise ValueError(
-                f"data.prompts = '{data.prompts}': prompt {prompt!r} is in split '{data.split}' and in split '{split}'; "
-                "evaluation prompts must be held out of every other split"
+                f"data: {len(leaked)} evaluation prompts are training prompts of the run {run_dir} (e.g. "
+                f"{sorted(leaked)[0]!r}); evaluate on a split that run never trained on"
             )
 
 
@@ -271,7 +277,7 @@ def evaluate(config: EvaluateConfig) -> dict:
         if config.reference is not None and len([i for i in instances if i.name == config.reference]) != 1:
             raise ValueError(f"reference = {config.reference!r} is a seed-run model; name a single model (e.g. the SFT model)")
         comparability = check_models_comparable(instances, config)
-        prompts = load_prompts(config, out / "data")
+        prompts = load_prompts(config, out / "data", instances)
     reference = next((i for i in instances if i.name == config.reference), None)
     start_ray(pool_config(config, instances[0].base, 8))
     rewards = RewardPool(pool_config(config, instances[0].base, 8).reward)
@@ -309,11 +315,13 @@ def evaluate(config: EvaluateConfig) -> dict:
     finally:
         rewards.release()
         ray.kill(scorer)
-    judged = run_judge(config, instances, samples_of) if config.judge is not None else None
-    result = summarise(config, instances, evaluated, prompts, settings, comparability, judged)
+    result = summarise(config, instances, evaluated, prompts, settings, comparability, None)
+    if config.judge is not None:
+        # The numbers are on disk before the judge's endpoint is asked: a failing judge loses nothing else.
+        write_outputs(result, out, finished=False)
+        result["judge"] = run_judge(config, instances, samples_of)
     result["seconds"] = time.perf_counter() - start
-    write_outputs(result, out)
-    return result
+    return write_outputs(result, out)
 
 
 def score_instance(instance: ModelInstance, samples: list[Sample], rewards: RewardPool, scorer, settings: SamplingSettings,
@@ -371,19 +379,24 @@ def run_judge(config: EvaluateConfig, instances: list[ModelInstance], samples_of
     from raylign.common.judge_config import JudgeConfig
 
     judge = config.judge
-    baselines = [i for i in instances if i.name == judge.baseline]
-    if len(baselines) != 1:
-        raise ValueError(f"judge.baseline = {judge.baseline!r} is a seed-run model; name a single model")
+    baselines = {i.seed: i for i in instances if i.name == judge.baseline}
     endpoint = JudgeConfig(**judge.model_dump(include=set(JudgeConfig.model_fields)))
-    baseline = _first_per_prompt(samples_of[baselines[0].label])
     candidates = judge.candidates or [m.name for m in config.models if m.name != judge.baseline]
     results: dict[str, dict] = {}
     for name in candidates:
         per_seed = []
         for instance in (i for i in instances if i.name == name):
+            # A single baseline faces every candidate; a seed-run baseline faces each candidate at its own seed.
+            opponent = baselines.get(None) or baselines.get(instance.seed)
+            if opponent is None:
+                raise ValueError(
+                    f"judge: {instance.label} has no {judge.baseline} run at its seed to be judged against; a seed-run "
+                    "baseline is judged seed by seed, so both models need the same seeds"
+                )
+            baseline = _first_per_prompt(samples_of[opponent.label])
             answers = _first_per_prompt(samples_of[instance.label])
             prompts = [p for p in answers if p in baseline][: judge.max_prompts]
-            _log(f"judge: {instance.label} vs {judge.baseline} on {len(prompts)} prompts, both orders")
+            _log(f"judge: {instance.label} vs {opponent.label} on {len(prompts)} prompts, both orders")
             outcome = judge_win_rate(prompts, [answers[p] for p in prompts], [baseline[p] for p in prompts], endpoint)
             per_seed.append({"seed": instance.seed, **{k: v for k, v in outcome.items() if k not in ("records", "outcomes")}})
         wins, losses, ties = (sum(r[key] for r in per_seed) for key in ("wins", "losses", "ties"))

@@ -14,14 +14,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from raylign.common.config import (
-    ClusterConfig,
-    DataConfig,
-    RewardConfig,
-    RolloutConfig,
-    Section,
-    check_model_path,
-)
+from raylign.common.config import ClusterConfig, DataConfig, RewardConfig, RolloutConfig, Section
 from raylign.common.judge_config import JudgeConfig
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -50,9 +43,10 @@ class EvalModelConfig(Section):
 
     @model_validator(mode="after")
     def _checks(self) -> "EvalModelConfig":
+        # `path` is checked when the evaluation resolves it (cluster.model_evaluation.resolve_models): in a
+        # pipeline it names an artefact that exists only once its stage has run.
         if not MODEL_NAME.match(self.name):
             raise ValueError(f"models[name={self.name!r}]: use letters, digits, '_', '-' and '.' (it names a file)")
-        check_model_path(self.path, field=f"models[name={self.name!r}].path")
         return self
 
 

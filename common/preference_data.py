@@ -38,6 +38,12 @@ class PreferenceExample:
     label: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def split_prompt(self) -> str:
+        """The prompt splits are assigned by: the source's own prompt (`extra.source_prompt`) when a transform
+        rewrote it (GenRM rows), so every stage reading one source splits its prompts alike."""
+        return self.extra.get("source_prompt") or self.prompt
+
     def prompt_messages(self) -> list[dict[str, str]]:
         """The prompt as chat messages: the parsed conversation when the source has one, else one user turn."""
         messages = self.extra.get("prompt_messages")
@@ -190,13 +196,14 @@ def parse_genrm_score(reply: str) -> float | None:
 def adapt_ultrafeedback_genrm(row: Mapping[str, Any]) -> PreferenceExample:
     """`HuggingFaceH4/ultrafeedback_binarized` as GenRM SFT data: prompt = 'User: {prompt}\\n\\nAssistant:
     {chosen}\\n\\n' + the rating instruction (one user turn), chosen = 'Score: {score_chosen:.1f}/10. ...'.
-    Only the chosen response and its score are used, as in the seed; extra.score keeps the number."""
+    Only the chosen response and its score are used, as in the seed; extra.score keeps the number, and
+    extra.source_prompt the original prompt, which the splits hash (the same rows as the other formats' splits)."""
     example = adapt_ultrafeedback(row)
     user = genrm_user_turn(example.prompt, example.chosen)
     score = example.extra["score_chosen"]
     return PreferenceExample(
         prompt=user, chosen=GENRM_VERDICT.format(score=score),
-        extra={"score": score, "prompt_messages": [{"role": "user", "content": user}],
+        extra={"score": score, "source_prompt": example.prompt, "prompt_messages": [{"role": "user", "content": user}],
                **({"prompt_id": example.extra["prompt_id"]} if "prompt_id" in example.extra else {})},
     )
 
@@ -361,7 +368,7 @@ def hold_out_test(examples: Sequence[PreferenceExample], fraction: float) -> tup
         raise ValueError(f"test hold-out fraction = {fraction}: must be in (0, 1)")
     rest, test = [], []
     for example in examples:
-        (test if prompt_bucket(example.prompt, TEST_HOLDOUT_SALT) < fraction else rest).append(example)
+        (test if prompt_bucket(example.split_prompt, TEST_HOLDOUT_SALT) < fraction else rest).append(example)
     return rest, test
 
 
@@ -393,16 +400,16 @@ def split_by_prompt(
     total = sum(fractions.values())
     if total > 1 + 1e-9:
         raise ValueError(f"split fractions {dict(fractions)} sum to {total:.3f}; they must sum to at most 1")
-    reserved = {prompt_key(example.prompt) for rows in fixed.values() for example in rows}
+    reserved = {prompt_key(example.split_prompt) for rows in fixed.values() for example in rows}
     bounds, upper = [], 0.0
     for name, fraction in fractions.items():
         upper += fraction
         bounds.append((upper, name))
     splits: dict[str, list[PreferenceExample]] = {name: [] for name in fractions}
     for example in examples:
-        if prompt_key(example.prompt) in reserved:
+        if prompt_key(example.split_prompt) in reserved:
             continue
-        bucket = prompt_bucket(example.prompt, salt)
+        bucket = prompt_bucket(example.split_prompt, salt)
         for upper, name in bounds:
             if bucket < upper:
                 splits[name].append(example)
@@ -417,7 +424,7 @@ def check_disjoint_splits(splits: Mapping[str, Sequence[PreferenceExample]]) -> 
     owner: dict[str, str] = {}
     for name, rows in splits.items():
         for example in rows:
-            key = prompt_key(example.prompt)
+            key = prompt_key(example.split_prompt)
             first = owner.setdefault(key, name)
             if first != name:
                 raise ValueError(

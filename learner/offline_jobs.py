@@ -293,10 +293,10 @@ def write_split_prompts(path: Path, splits: dict[str, list[PreferenceExample]]) 
         for name, rows in splits.items():
             seen = set()
             for example in rows:
-                key = prompt_key(example.prompt)
+                key = prompt_key(example.split_prompt)
                 if key and key not in seen:
                     seen.add(key)
-                    row = {"prompt": example.prompt, "split": name}
+                    row = {"prompt": example.split_prompt, "split": name}
                     if example.extra.get("category") is not None:
                         row["category"] = example.extra["category"]
                     f.write(json.dumps(row) + "\n")

@@ -321,7 +321,10 @@ def test_evaluate_cli_refuses_a_bad_config_with_status_2(tmp_path, capsys):
     from raylign.cluster.cli import main
 
     path = tmp_path / "evaluate.yaml"
-    path.write_text(yaml.safe_dump({"models": [{"name": "x", "path": str(tmp_path / "missing")}]}))
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "models": [{"name": "x", "path": str(tmp_path / "missing")}]}))
     assert main(["evaluate", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("raylign evaluate: invalid evaluation config") and "does not exist" in err
+    assert err.startswith(f"raylign evaluate: models[name='x'].path = '{tmp_path / 'missing'}' does not exist")
+    path.write_text(yaml.safe_dump({"models": [{"name": "x", "path": "builtin:tiny-gpt2"}], "pass_k": [9]}))
+    assert main(["evaluate", str(path)]) == 2
+    assert capsys.readouterr().err.startswith("raylign evaluate: invalid evaluation config:\n  pass_k = [9]: 9 needs")

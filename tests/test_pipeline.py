@@ -57,6 +57,96 @@ def test_every_shipped_pipeline_validates(path):
     assert config.stages
 
 
+@pytest.mark.parametrize("path", SEED_PIPELINES + TWINS, ids=lambda p: p.stem)
+def test_every_shipped_pipeline_passes_check_without_running_or_downloading(path, capsys, monkeypatch):
+    from raylign.cluster.pipeline import pipeline_main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert pipeline_main([str(path), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith(f"valid, {len(load_pipeline_config(path).stages)} stages")
+    assert "evaluate" in out
+
+
+def train_runs(config) -> dict[str, dict]:
+    return {stage.name: stage.run for stage in config.stages if isinstance(stage, TrainStage)}
+
+
+@pytest.mark.parametrize("path", SEED_PIPELINES + TWINS, ids=lambda p: p.stem)
+def test_every_pipeline_turns_on_what_its_seed_measures(path):
+    config = load_pipeline_config(path)
+    runs = train_runs(config)
+    for name, run in runs.items():
+        assert run["eval"]["every"] > 0 and run["eval"]["run_test"], name  # validation, best checkpoint, one test
+    (evaluate,) = [stage for stage in config.stages if isinstance(stage, EvaluateStage)]
+    models = [model["name"] for model in evaluate.evaluation["models"]]
+    assert evaluate.evaluation["data"]["split"] == "test" and evaluate.evaluation["reference"] in models
+    seed = path.stem.removesuffix("_tiny")
+    if seed == "gpt2_hh_rlhf":
+        assert models == ["base", "sft", "ppo", "grpo", "dpo"] and evaluate.evaluation["reference"] == "sft"
+    if seed == "smollm2_orca":
+        assert models == ["base", "dpo", "ppo", "grpo"] and evaluate.evaluation["data"]["category_field"] == "category"
+    if seed == "grpo_heuristic_twitter":
+        assert evaluate.evaluation["pass_k"] == [1, 5, 10] and evaluate.evaluation["rollout"]["samples_per_prompt"] >= 10
+    if seed == "gemma_ultrafeedback":
+        assert len(config.seeds) == 3 and {"ppo", "grpo"} <= set(models)
+        (report,) = [stage for stage in config.stages if isinstance(stage, ReportStage)]
+        assert report.runs == ["ppo", "grpo"]
+    if seed == "grade_imdb":
+        assert len(config.seeds) >= 2 and all(run["train"]["grad_variance_every"] > 0 for run in runs.values())
+        schedules = {(run["algorithm"]["tau_start"], run["algorithm"]["tau_end"]) for run in runs.values()
+                     if run["algorithm"]["name"] == "grade"}
+        assert len(schedules) >= 2  # the tau ablation
+        (report,) = [stage for stage in config.stages if isinstance(stage, ReportStage)]
+        assert set(report.runs) == set(runs)
+
+
+def test_every_tiny_twin_has_its_seed_pipelines_stages_in_miniature():
+    for full in SEED_PIPELINES:
+        twin = load_pipeline_config(PIPELINES / f"{full.stem}_tiny.yaml")
+        # A twin may add an SFT stage (its tiny model starts random) but drops none.
+        assert {(s.name, s.kind) for s in load_pipeline_config(full).stages} <= {(s.name, s.kind) for s in twin.stages}
+
+
+def test_pipeline_seeds_run_every_train_stage_per_seed_unless_the_stage_names_its_own(tmp_path):
+    config = load_pipeline_config(write_config(tmp_path, """
+        output_dir: {out}
+        seed: 7
+        seeds: [1, 2]
+        stages:
+          - {{name: a, kind: train, run: {{model: {{path: "builtin:tiny-llama"}}}}}}
+          - {{name: b, kind: train, run: {{model: {{path: "builtin:tiny-llama"}}, seeds: [5]}}}}
+    """.format(out=tmp_path)))
+    a, b = (stage.run_config(str(tmp_path / stage.name), config.seed, config.cluster, {}, config.seeds) for stage in config.stages)
+    assert (a.seeds, b.seeds) == ([1, 2], [5])
+
+
+def test_a_report_stage_compares_train_stages_only(tmp_path):
+    text = SFT_THEN_RM.format(out=tmp_path, reference="{sft}") + """
+      - {name: report, kind: report, runs: [sft]}
+    """
+    assert "stages.report.runs: 'sft' is a sft stage; a report compares train stages" in config_error(tmp_path, text)
+    text = SFT_THEN_RM.format(out=tmp_path, reference="{sft}") + """
+      - {name: report, kind: report, runs: [later]}
+    """
+    assert "refers to stage 'later', which does not exist" in config_error(tmp_path, text)
+
+
+def test_an_evaluate_stage_is_validated_naming_the_stage_and_waits_for_its_references(tmp_path):
+    text = SFT_THEN_RM.format(out=tmp_path, reference="{sft}") + """
+      - name: evaluate
+        kind: evaluate
+        evaluation:
+          models: [{name: sft, path: "{sft}"}, {name: rm, path: "{rm}/base_model"}]
+          reference: base
+    """
+    message = config_error(tmp_path, text)
+    assert "stages.evaluate.evaluation: reference = 'base' is not one of the models (sft, rm)" in message
+    assert "base_model" not in message  # an artefact that does not exist yet is checked when its stage has run
+    config = load_pipeline_config(write_config(tmp_path, text.replace("reference: base", "reference: sft")))
+    assert config.dependents({"rm"}) == {"rm", "evaluate"}
+
+
 def test_every_seed_pipeline_has_a_tiny_twin():
     assert len(SEED_PIPELINES) == 5
     assert {p.stem + "_tiny" for p in SEED_PIPELINES} == {p.stem for p in TWINS}

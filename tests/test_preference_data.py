@@ -258,6 +258,11 @@ def test_genrm_rows_put_prompt_and_chosen_answer_in_the_user_turn_and_the_score_
     assert second.rejected is None and second.prompt_messages() == [{"role": "user", "content": second.prompt}]
     # The score regex reads every judgement back: only score_chosen is used.
     assert [parse_genrm_score(e.chosen) for e in examples] == [row["score_chosen"] for row in rows]
+    # Splits hash the original prompt, so the SFT rows fall in the same splits as the RM's rows of that prompt.
+    plain = load_preference_data(str(FIXTURES / "ultrafeedback_binarized.jsonl"), "ultrafeedback")
+    fractions = {"sft": 0.5, "rm": 0.5}
+    assert {name: [e.extra["source_prompt"] for e in rows] for name, rows in split_by_prompt(examples, fractions).items()} == \
+        {name: [e.prompt for e in rows] for name, rows in split_by_prompt(plain, fractions).items()}
 
 
 def test_genrm_score_regex_reads_the_first_score_out_of_ten():

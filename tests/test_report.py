@@ -463,7 +463,7 @@ def test_a_pipelines_stages_at_two_pipeline_seeds_are_compared_without_flags(tmp
         runs += [write_config_run(tmp_path / f"seed{seed}" / name, config, 0.5) for name, config in stages.items()]
     result = report.write_report(runs, tmp_path / "out", n_resamples=200)
     assert {method: m["seeds"] for method, m in result["methods"].items()} == {
-        method: [1, 42] for method in ("ppo", "reinforce", "grade", "grade_ste")}
+        method: [1, 42] for method in ("ppo", "reinforce", "grade", "grade_tau1", "grade_ste")}
     held = result["comparability"]["held_equal"]
     assert (held["model.path"], held["data.prompts"], held["reward.sources"][0]["path"]) == (
         "{sft}", "{rm}/prompts.jsonl", "{rm}")
