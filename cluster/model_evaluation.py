@@ -34,7 +34,7 @@ from raylign.cluster.ray_setup import start_ray
 from raylign.cluster.reward_pool import RewardPool
 from raylign.cluster.rollout_pool import RolloutPool
 from raylign.common import statistics as stats
-from raylign.common.comparability import IncomparableRuns, check_comparable, restore_pipeline_references
+from raylign.common.comparability import SEED_RUN, IncomparableRuns, check_comparable, restore_pipeline_references
 from raylign.common.config import (
     ConfigError,
     RunConfig,
@@ -153,7 +153,11 @@ def check_models_comparable(instances: list[ModelInstance], config: EvaluateConf
     for instance in instances:
         if instance.run_dir is not None:
             run_config = yaml.safe_load((instance.run_dir / "config.yaml").read_text()) or {}
-            runs[instance.label] = {**restore_pipeline_references(run_config), "method": instance.name}
+            # A pipeline stage's paths into its sibling stages compare as `{stage}` references, as in the report.
+            stage_dir = instance.run_dir.parent if SEED_RUN.match(instance.run_dir.name) else instance.run_dir
+            if (stage_dir.parent / "pipeline.yaml").is_file():
+                run_config = restore_pipeline_references(run_config)
+            runs[instance.label] = {**run_config, "method": instance.name}
     if len(runs) < 2:
         return None
     return check_comparable(runs, vary=config.vary, allow_different=config.allow_different,
@@ -290,6 +294,7 @@ def evaluate(config: EvaluateConfig) -> dict:
                                 top_p=rollout.top_p, top_k=rollout.top_k)
     evaluated: dict[str, dict] = {}
     samples_of: dict[str, list[Sample]] = {}
+    engines: dict[str, dict] = {}
     try:
         version = 0
         for (base, shape), members, zero_like in rollout_groups(instances):
@@ -310,12 +315,16 @@ def evaluate(config: EvaluateConfig) -> dict:
                     samples = pool.generate(items, settings)
                     evaluated[instance.label] = score_instance(instance, samples, rewards, scorer, settings, prompts, config, out)
                     samples_of[instance.label] = samples
+                    engines[instance.label] = pool.plan.to_dict()
             finally:
                 pool.release()
     finally:
         rewards.release()
         ray.kill(scorer)
     result = summarise(config, instances, evaluated, prompts, settings, comparability, None)
+    for instance in instances:
+        record = next(r for r in result["models"][instance.name]["runs"] if r["seed"] == instance.seed)
+        record["rollout_engine"] = engines[instance.label]
     if config.judge is not None:
         # The numbers are on disk before the judge's endpoint is asked: a failing judge loses nothing else.
         write_outputs(result, out, finished=False)
@@ -491,7 +500,7 @@ def _log(message: str) -> None:
 def load_evaluate_config(path: str, overrides: list[str] | None = None) -> EvaluateConfig:
     from pydantic import ValidationError
 
-    data = apply_overrides(read_yaml_mapping(path, "evaluation config", "configs/evaluate.yaml"), overrides or [])
+    data = apply_overrides(read_yaml_mapping(path, "evaluation config", "configs/evaluate_quickstart.yaml"), overrides or [])
     try:
         return EvaluateConfig.model_validate(data)
     except ValidationError as error:
@@ -505,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Score models (base, SFT, DPO adapters, RL runs or their best checkpoints, seed-run directories) on the "
             "same held-out prompts with the same sampling settings: reward per source, KL to a reference, length, "
             "diversity, pass@k, per-category reward, optional LLM judge. Writes evaluation.json/.md/.tex, plots and "
-            "<model>_samples.jsonl to output_dir. Example: raylign evaluate configs/evaluate.yaml output_dir=outputs/eval"
+            "<model>_samples.jsonl to output_dir. Example: raylign evaluate configs/evaluate_quickstart.yaml data.max_prompts=16"
         ),
         epilog=fields_help("evaluation fields (set in YAML or override as field=value):", describe_fields(EvaluateConfig)),
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -306,6 +306,18 @@ def test_judge_counts_wins_only_when_both_orders_agree(tmp_path, judge_url):
     assert (biased["wins"], biased["losses"], biased["ties"]) == (0, 0, 8)  # position bias becomes ties
 
 
+def test_a_seed_run_baseline_is_judged_seed_by_seed(tmp_path, judge_url):
+    cfg = config(tmp_path, models=[{"name": "ppo", "path": "builtin:tiny-gpt2"}, {"name": "grpo", "path": "builtin:tiny-gpt2"}],
+                 judge={"base_url": judge_url, "model": "fake", "baseline": "ppo"})
+    instances = [ModelInstance(name, seed, "b", "a") for name in ("ppo", "grpo") for seed in (1, 2)]
+    samples_of = {"ppo@seed_1": samples_for(["fine"] * 2), "ppo@seed_2": samples_for(["great"] * 2),
+                  "grpo@seed_1": samples_for(["great"] * 2), "grpo@seed_2": samples_for(["fine"] * 2)}
+    grpo = run_judge(cfg, instances, samples_of)["models"]["grpo"]
+    assert [(r["seed"], r["wins"], r["losses"]) for r in grpo["per_seed"]] == [(1, 2, 0), (2, 0, 2)]
+    with pytest.raises(ValueError, match="grpo@seed_3 has no ppo run at its seed"):
+        run_judge(cfg, instances + [ModelInstance("grpo", 3, "b", "a")], {**samples_of, "grpo@seed_3": samples_for(["x"])})
+
+
 def test_evaluation_config_names_the_field_value_and_fix(tmp_path):
     with pytest.raises(ValueError, match="reference = 'base' is not one of the models \\(sft\\)"):
         config(tmp_path, reference="base")
@@ -328,3 +340,43 @@ def test_evaluate_cli_refuses_a_bad_config_with_status_2(tmp_path, capsys):
     path.write_text(yaml.safe_dump({"models": [{"name": "x", "path": "builtin:tiny-gpt2"}], "pass_k": [9]}))
     assert main(["evaluate", str(path)]) == 2
     assert capsys.readouterr().err.startswith("raylign evaluate: invalid evaluation config:\n  pass_k = [9]: 9 needs")
+
+
+@pytest.mark.slow
+def test_raylign_evaluate_compares_a_run_with_the_model_it_started_from(warm_model_dir, ray_session, tmp_path, capsys):
+    from raylign.cluster.cli import main
+    from raylign.cluster.driver import train
+    from raylign.common.config import load_config
+
+    run = tmp_path / "run"
+    train(load_config("configs/quickstart.yaml", [
+        f"output_dir={run}", f"model.path={warm_model_dir}", "sft.steps=0", "rollout.backend=hf", "train.steps=2",
+        "train.prompts_per_step=4", "eval.every=2", "eval.val_samples=4", "eval.test_samples=4",
+        "eval.samples_per_prompt=2", "logging.progress=false"]))
+    models = f"models=[{{name: sft, path: {warm_model_dir}}}, {{name: grpo, path: {run}, checkpoint: best}}]"
+    assert main(["evaluate", "configs/evaluate_quickstart.yaml", f"output_dir={tmp_path / 'eval'}", models,
+                 "rollout.backend=hf", "data.max_prompts=6"]) == 0
+    assert "evaluation.md" in capsys.readouterr().out
+    evaluation = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    sft, grpo = (evaluation["models"][name]["runs"][0] for name in ("sft", "grpo"))
+    assert grpo["adapter"] == str(run / "checkpoints" / "best" / "adapter") and grpo["base"] == warm_model_dir
+    assert sft["metrics"]["kl"] == pytest.approx(0.0, abs=1e-6) and grpo["metrics"]["kl"] > 0
+    assert max(sft["metrics"]["logprob_gap"], grpo["metrics"]["logprob_gap"]) < 1e-4
+    assert evaluation["prompts"] == {"source": "builtin:movie-reviews", "split": "test", "count": 6,
+                                     "samples_per_prompt": 4, "categories": []}
+    assert {"pass@1", "pass@4", "distinct_2", "self_bleu"} <= set(grpo["metrics"])
+    samples = [json.loads(line) for line in (tmp_path / "eval" / "grpo_samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 24 and all(set(s["rewards"]) == {"vader_sentiment"} for s in samples)
+
+
+def test_rl_runs_compared_by_an_evaluation_must_have_run_the_same_experiment(tmp_path, twin_dirs):
+    from raylign.cluster.model_evaluation import check_models_comparable
+    from raylign.common.comparability import IncomparableRuns
+
+    ppo = ModelInstance("ppo", None, "b", "a", rl_run(tmp_path / "ppo", twin_dirs["gpt2"]))
+    grpo = ModelInstance("grpo", None, "b", "a", rl_run(tmp_path / "grpo", twin_dirs["llama"]))
+    with pytest.raises(IncomparableRuns, match=r"model.path: .* \(evaluation.allow_different model.path\)"):
+        check_models_comparable([ppo, grpo], config(tmp_path))
+    allowed = check_models_comparable([ppo, grpo], config(tmp_path, allow_different=["model.path"]))
+    assert [d.field for d in allowed.allowed] == ["model.path"]
+    assert check_models_comparable([ppo, ModelInstance("sft", None, "b", None)], config(tmp_path)) is None

@@ -375,9 +375,46 @@ def test_gpt2_hh_rlhf_twin_runs_end_to_end_and_skips_finished_stages_on_rerun(ra
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("twin", [p.stem for p in TWINS if p.stem != "gpt2_hh_rlhf_tiny"])
+def test_gemma_twin_runs_both_methods_at_three_seeds_on_one_sft_model_and_one_reward_model(ray_session, tmp_path):
+    config = load_pipeline_config(PIPELINES / "gemma_ultrafeedback_tiny.yaml", [f"output_dir={tmp_path}"])
+    summary = run_pipeline(config)
+    rows = {row["name"]: row for row in summary["stages"]}
+    assert [row["status"] for row in summary["stages"]] == ["done"] * 6
+    seeds = [42, 123, 777]
+    for name in ("ppo", "grpo"):
+        assert rows[name]["artefact"] == str(tmp_path / name)
+        assert json.loads((tmp_path / name / "results.json").read_text())["seeds"] == seeds
+        for seed in seeds:
+            run = yaml.safe_load((tmp_path / name / f"seed_{seed}" / "config.yaml").read_text())
+            # every seed starts from the one SFT model and scores with the one (frozen) reward model
+            assert (run["seed"], run["model"]["path"], run["reward"]["sources"][0]["path"]) == (
+                seed, rows["sft"]["artefact"], rows["rm"]["artefact"])
+            assert len(read_jsonl(tmp_path / name / f"seed_{seed}" / "metrics.jsonl")) == 2
+    # SFT and RM ran once: one model directory each, no seed directories
+    assert not list((tmp_path / "sft").glob("seed_*")) and not list((tmp_path / "rm").glob("seed_*"))
+
+    evaluation = json.loads((tmp_path / "evaluate" / "evaluation.json").read_text())
+    assert {name: m["seeds"] for name, m in evaluation["models"].items()} == {"sft": None, "ppo": seeds, "grpo": seeds}
+    (pair,) = evaluation["pairwise"]
+    per_seed = {name: [run["metrics"]["reward_mean"] for run in evaluation["models"][name]["runs"]] for name in ("ppo", "grpo")}
+    from raylign.common.statistics import cohens_d
+
+    assert (pair["a"], pair["b"]) == ("ppo", "grpo") and pair["cohens_d"] == pytest.approx(cohens_d(per_seed["ppo"], per_seed["grpo"]))
+    assert "| ppo vs grpo |" in (tmp_path / "evaluate" / "evaluation.md").read_text()
+    comparison = json.loads((tmp_path / "report" / "comparison.json").read_text())
+    assert {m: c["seeds"] for m, c in comparison["methods"].items()} == {"ppo": seeds, "grpo": seeds}
+    assert comparison["pairwise"][0]["cohens_d"] is not None
+    assert "Cohen's d" in (tmp_path / "report" / "report.md").read_text()
+
+
+# The GRADE twin at one of its seeds: the report's tests across seeds are covered in tests/test_report.py.
+TWIN_OVERRIDES = {"grade_imdb_tiny": ["seeds=[42]"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("twin", [p.stem for p in TWINS if p.stem not in ("gpt2_hh_rlhf_tiny", "gemma_ultrafeedback_tiny")])
 def test_every_other_tiny_twin_runs_end_to_end(twin, ray_session, tmp_path):
-    config = load_pipeline_config(PIPELINES / f"{twin}.yaml", [f"output_dir={tmp_path}"])
+    config = load_pipeline_config(PIPELINES / f"{twin}.yaml", [f"output_dir={tmp_path}", *TWIN_OVERRIDES.get(twin, [])])
     summary = run_pipeline(config)
     assert [row["status"] for row in summary["stages"]] == ["done"] * len(config.stages)
     for stage in config.stages:
@@ -398,3 +435,12 @@ def test_every_other_tiny_twin_runs_end_to_end(twin, ray_session, tmp_path):
         assert "## Reward per prompt category\n\n| model | " + " | ".join(categories) + " |" in markdown
         for name in ("reward_by_model.png", "per_category.png", "length_vs_reward.png"):
             assert name in evaluation["plots"] and (tmp_path / "evaluate" / name).stat().st_size > 10_000
+    if twin == "grpo_heuristic_twitter_tiny":
+        metrics = json.loads((tmp_path / "evaluate" / "evaluation.json").read_text())["models"]["grpo"]["runs"][0]["metrics"]
+        assert {"pass@1", "pass@5", "pass@10", "self_bleu"} <= set(metrics)
+        assert metrics["pass@1"] <= metrics["pass@5"] <= metrics["pass@10"]
+    if twin == "grade_imdb_tiny":
+        comparison = json.loads((tmp_path / "report" / "comparison.json").read_text())
+        assert {row["tau_start"] for row in comparison["tau_ablation"]} == {1.0, 2.0}
+        assert {p["grade"] for p in comparison["gradient_variance"]["pairs"]} == {"grade", "grade_tau1", "grade_ste"}
+        assert read_jsonl(tmp_path / "grade" / "seed_42" / "gradient_variance.jsonl")
