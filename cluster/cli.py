@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from raylign.common.config import ConfigError, describe_fields, fields_help, load_config
 from raylign.common.tiny_model import FAMILIES
@@ -24,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="section.field=value overrides (YAML values)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the newest complete checkpoint in output_dir (sets train.resume_from); "
+                            "give it before the config: raylign train --resume CONFIG [overrides]")
 
     commands.add_parser("bench", help="benchmarks that write JSON (raylign bench rollout --help)", add_help=False)
     commands.add_parser("report", help="compare run directories: comparison.json, LaTeX table, plots, report.md", add_help=False)
@@ -78,7 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         config = load_config(args.config, args.overrides)
-        from raylign.cluster.driver import train_each_seed
+        from raylign.cluster.driver import latest_checkpoint, train_each_seed
+
+        if args.resume:
+            try:
+                newest = latest_checkpoint(Path(config.output_dir))
+            except RuntimeError as error:
+                raise ConfigError(f"--resume: {error}; run without --resume to start from step 0") from None
+            config = load_config(args.config, [*args.overrides, f"train.resume_from={newest}"])
 
         runs = train_each_seed(config)
     except ConfigError as exc:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -378,8 +380,12 @@ class LearnerWorker:
         return grad_norm
 
     def save_checkpoint(self, directory: str, driver_state: dict) -> str:
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
+        """Write the checkpoint beside `directory` and rename it into place: a crash mid-write never leaves a
+        half-written checkpoint under the name a restart or `--resume` would pick."""
+        final = Path(directory)
+        path = final.parent / f".partial-{final.name}"
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
         self.model.save_pretrained(path / "adapter")
         torch.save({
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -389,7 +395,10 @@ class LearnerWorker:
             "adapter_history": self.adapter_history,
         }, path / "learner_state.pt")
         (path / "driver_state.json").write_text(json.dumps(driver_state, indent=2))
-        return str(path)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(path, final)
+        return str(final)
 
     def load_checkpoint(self, directory: str) -> int:
         """Restore everything `save_checkpoint` wrote (after attach_lora); returns the policy version."""

@@ -78,3 +78,18 @@ def test_a_dead_learner_is_restarted_from_the_last_checkpoint_and_the_run_ends_a
         for key in ("loss", "kl", "grad_norm", "reward/running_mean"):
             assert after[key] == pytest.approx(before[key], rel=1e-4, abs=1e-7), key
     assert results["steps"] == 4
+
+
+def test_the_newest_complete_checkpoint_is_picked_and_a_half_written_one_never(tmp_path):
+    from raylign.cluster.driver import latest_checkpoint
+
+    for name in ("step_000002", "step_000004", ".partial-step_000006", "best"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    assert latest_checkpoint(tmp_path).name == "step_000004"
+
+
+def test_resume_without_a_checkpoint_is_one_message_and_exit_status_2(tmp_path, capsys):
+    from raylign.cluster.cli import main
+
+    assert main(["train", "--resume", "configs/quickstart.yaml", f"output_dir={tmp_path}"]) == 2
+    assert "--resume: no checkpoint under" in capsys.readouterr().err
