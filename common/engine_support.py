@@ -22,6 +22,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 
+
 def query_vllm_registry(architecture: str) -> dict:
     """Ask vLLM's model registry, in this process, about `architecture` (its model class and SupportsLoRA)."""
     import vllm
@@ -30,6 +31,7 @@ def query_vllm_registry(architecture: str) -> dict:
     from vllm.platforms import current_platform
 
     registered = architecture in ModelRegistry.get_supported_archs()
+    # The public resolver needs a full vLLM ModelConfig (it reads the checkpoint); the class lookup is all we need.
     model_class = ModelRegistry._try_load_model_cls(architecture) if registered else None
     return {"version": vllm.__version__, "cpu": current_platform.is_cpu(), "registered": model_class is not None,
             "lora": bool(model_class is not None and supports_lora(model_class))}

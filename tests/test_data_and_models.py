@@ -111,3 +111,12 @@ def test_prompts_use_the_chat_template_of_instruct_tokenizers(twin_dirs):
     with pytest.raises(ValueError, match=r"data.chat_template = true, but the tokenizer .* has no chat template; "
                                          r"set data.chat_template=false"):
         encoder(twin_dirs["gpt2"], "data.chat_template=true").encode(["x"], "train")
+
+
+def test_tiny_model_command_builds_the_twin_it_is_asked_for(tmp_path, capsys):
+    from raylign.cluster.cli import main
+
+    assert main(["tiny-model", str(tmp_path / "pythia"), "--like", "pythia"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "pythia")
+    config = json.loads((tmp_path / "pythia" / "config.json").read_text())
+    assert config["architectures"] == ["GPTNeoXForCausalLM"]

@@ -258,3 +258,33 @@ def test_300_token_prompts_run_on_both_engines_truncated_or_as_they_are(family, 
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["data/truncated_prompts"] for m in metrics] == [3 if truncated else 0] * 2
     assert results["rollout_engine"]["backend"] == backend and results["logprob_gap_max"] < 1e-4
+
+
+# ----- the transformers engine -----
+
+
+def test_transformers_engine_batches_prompts_without_changing_any_prompts_samples_or_logprobs(twin_dirs):
+    """Left-padded prompts of different lengths decode together; each prompt draws from its own seeded generator,
+    and every logprob is the learner's for the same token (temperature and min-tokens mask applied)."""
+    from raylign.actors.engines import HFEngine
+    from raylign.common.types import PromptItem, Sample, SamplingSettings
+    from raylign.learner.batching import build_token_batch, score_tokens
+
+    torch.set_num_threads(1)
+    engine = HFEngine(twin_dirs["gpt2"], max_batch_rows=64)
+    texts = ["Honestly, the movie was", "Overall, the plot felt", "In my opinion, the cast of this film seemed", "I"]
+    prompts = [PromptItem(index=i, text=t, token_ids=engine.tokenizer(t).input_ids, seed=100 + i) for i, t in enumerate(texts)]
+    settings = SamplingSettings(samples_per_prompt=3, max_new_tokens=10, min_new_tokens=2, temperature=0.9)
+    together = engine.generate(prompts, settings)
+    for prompt, completions in zip(prompts, together):
+        alone = engine.generate([prompt], settings)[0]
+        assert [c.token_ids for c in alone] == [c.token_ids for c in completions]
+    assert engine.generate(prompts[::-1], settings)[::-1][0][0].token_ids == together[0][0].token_ids
+    samples = [Sample(prompt_index=i, sample_index=j, prompt=p.text, prompt_ids=p.token_ids, completion="",
+                      completion_ids=c.token_ids, behaviour_logprobs=c.logprobs, policy_version=0, finish_reason=c.finish_reason)
+               for i, (p, completions) in enumerate(zip(prompts, together)) for j, c in enumerate(completions)]
+    batch = build_token_batch(samples, pad_token_id(engine.tokenizer))
+    with torch.no_grad():
+        learner = score_tokens(engine.model, batch, temperature=0.9, eos_token_id=engine.tokenizer.eos_token_id,
+                               min_new_tokens=2).logprobs
+    assert ((learner - batch.behaviour_logprobs).abs() * batch.completion_mask).max().item() < 1e-5
