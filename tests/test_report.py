@@ -385,6 +385,11 @@ def pipeline_stage_configs(path: Path, root: Path, *overrides: str) -> dict[str,
     return configs
 
 
+QUICKSTART = load_config(ROOT / "configs" / "quickstart.yaml")
+QUICKSTART_SAMPLES = QUICKSTART.train.steps * QUICKSTART.train.prompts_per_step * QUICKSTART.rollout.samples_per_prompt
+QUICKSTART_KL = QUICKSTART.algorithm.kl_coef
+
+
 @pytest.fixture
 def mixed_runs(tmp_path) -> list[Path]:
     """The issue's mixed report: a PPO run of the quickstart (built-in tiny Llama, movie-review prompts, VADER;
@@ -410,11 +415,11 @@ def test_a_report_mixing_two_experiments_is_refused_naming_runs_field_values_and
     assert (f'reward.sources: [{{"name": "vader_sentiment", "weight": 1.0, "path": null, "label": null, "options": {{}}}}] '
             f'in {quickstart}; [{{"name": "classifier_rm", "weight": 1.0, "path": "{{rm}}", "label": null, '
             f'"options": {{}}}}] in {ppo}, {reinforce} (--allow-different reward.sources)') in message
-    # 200 steps × 8 prompts × 4 samples against 2 × 8 × 1
-    assert (f"total_samples (train.steps × train.prompts_per_step × rollout.samples_per_prompt): 6400 in {quickstart}; "
+    # the quickstart's steps × 8 prompts × 4 samples against 2 × 8 × 1
+    assert (f"total_samples (train.steps × train.prompts_per_step × rollout.samples_per_prompt): {QUICKSTART_SAMPLES} in {quickstart}; "
             f"16 in {ppo}, {reinforce} (--allow-different total_samples)") in message
     # both PPO, so PPO's own settings must agree as well
-    assert f"algorithm.kl_coef in method 'ppo': 0.02 in {quickstart}; 0.1 in {ppo} (--vary algorithm.kl_coef)" in message
+    assert f"algorithm.kl_coef in method 'ppo': {QUICKSTART_KL} in {quickstart}; 0.1 in {ppo} (--vary algorithm.kl_coef)" in message
     assert "reinforce" not in message.split("Fields differ between runs of one method")[1]
     assert not (tmp_path / "out").exists()
     assert report.report_main([*map(str, mixed_runs), "--out", str(tmp_path / "out")]) == 2
@@ -431,8 +436,8 @@ def test_the_mixed_report_with_allow_different_lists_the_differences_in_its_firs
     assert result["methods"]["ppo"]["seeds"] == [0, 42]
     differences = result["comparability"]["allowed_differences"]
     assert differences["model.path"] == {quickstart: "builtin:tiny-llama", ppo: "{sft}", reinforce: "{sft}"}
-    assert differences["total_samples"] == {quickstart: 6400, ppo: 16, reinforce: 16}
-    assert differences["algorithm.kl_coef"] == {quickstart: 0.02, ppo: 0.1, reinforce: 0.1}
+    assert differences["total_samples"] == {quickstart: QUICKSTART_SAMPLES, ppo: 16, reinforce: 16}
+    assert differences["algorithm.kl_coef"] == {quickstart: QUICKSTART_KL, ppo: 0.1, reinforce: 0.1}
     held = result["comparability"]["held_equal"]
     assert {k: held[k] for k in ("rollout.temperature", "rollout.top_p", "rollout.top_k", "eval.test_split")} == {
         "rollout.temperature": 1.0, "rollout.top_p": 1.0, "rollout.top_k": -1, "eval.test_split": "test"}
@@ -442,7 +447,7 @@ def test_the_mixed_report_with_allow_different_lists_the_differences_in_its_firs
                             "Allowed to differ (`--allow-different`)")
     assert (f'| model.path | `"builtin:tiny-llama"` | `{quickstart}` |\n'
             f'|  | `"{{sft}}"` | `{ppo}`, `{reinforce}` |') in first
-    assert f"| total_samples | `6400` | `{quickstart}` |\n|  | `16` | `{ppo}`, `{reinforce}` |" in first
+    assert f"| total_samples | `{QUICKSTART_SAMPLES}` | `{quickstart}` |\n|  | `16` | `{ppo}`, `{reinforce}` |" in first
     assert "| ppo | 0, 42 |" in tables and "## Final reward" in tables
 
 
