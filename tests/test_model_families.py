@@ -30,7 +30,7 @@ def vllm_asked_once():
 def run(tmp_path, model_dir, *overrides):
     config = load_config("configs/quickstart.yaml", [
         f"output_dir={tmp_path}", f"model.path={model_dir}", "sft.steps=0", "eval.every=0", "eval.run_test=false",
-        "logging.progress=false", "rollout.max_new_tokens=16", *overrides,
+        "logging.progress=false", "rollout.max_new_tokens=16", "algorithm.kl_coef=0.02", *overrides,
     ])
     results = train(config)
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
