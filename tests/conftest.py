@@ -60,7 +60,7 @@ def warm_twin(twin_dirs, tmp_path_factory):
             torch.manual_seed(0)
             tokenizer = AutoTokenizer.from_pretrained(twin_dirs[family])
             model = AutoModelForCausalLM.from_pretrained(twin_dirs[family])
-            sft_train(model, tokenizer, builtin_corpus_texts(), steps=250, batch_size=32, learning_rate=3e-3,
+            sft_train(model, tokenizer, builtin_corpus_texts(), steps=250, batch_size=16, learning_rate=3e-3,
                       max_length=48, seed=0)
             output = tmp_path_factory.mktemp(f"warm-{family}")
             model.save_pretrained(output)

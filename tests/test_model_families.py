@@ -59,9 +59,9 @@ def test_grpo_raises_reward_on_every_twin_with_the_transformers_engine(family, w
 @pytest.mark.slow
 @pytest.mark.parametrize("family", VLLM_LORA_FAMILIES)
 def test_grpo_on_vllm_with_lora_for_every_family_it_has_lora_for(family, warm_twin, ray_session, tmp_path):
-    metrics, results = run(tmp_path, warm_twin(family), "train.steps=3")
+    metrics, results = run(tmp_path, warm_twin(family), "train.steps=2")
     assert results["rollout_engine"] == {**results["rollout_engine"], "backend": "vllm", "weight_sync": "lora"}
-    assert [m["policy_version"] for m in metrics] == [1, 2, 3]
+    assert [m["policy_version"] for m in metrics] == [1, 2]
     assert max(m["rollout/logprob_gap"] for m in metrics) < 1e-4
 
 
