@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from raylign.common.sampling import truncate_logits
 from raylign.common.types import Sample
 
 
@@ -59,33 +60,6 @@ class TokenScores:
     logprobs: torch.Tensor  # [B, L-1]
     entropy: torch.Tensor | None  # [B, L-1], differentiable
     hidden: torch.Tensor | None  # [B, L-1, H] last hidden state of each context (for value heads)
-
-
-def truncate_logits(logits: torch.Tensor, top_k: int = -1, top_p: float = 1.0,
-                    keep: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits [..., V] with every token outside the top-k / top-p set at -inf, the rule vLLM's and
-    transformers' samplers apply after temperature: top-k keeps every token >= the k-th largest logit
-    (ties kept); top-p then sorts ascending, and drops a token while the cumulative probability up to and
-    including it is <= 1 - top_p (the most likely token always stays).
-
-    `keep` [...] (token ids) are never dropped: a sampled token that sits exactly on the boundary, where
-    the engine's and the learner's float rounding can disagree, keeps a finite logprob.
-    """
-    if top_k <= 0 and top_p >= 1.0:
-        return logits
-    vocab = logits.shape[-1]
-    sorted_logits, order = logits.sort(dim=-1, descending=False)
-    dropped = torch.zeros_like(sorted_logits, dtype=torch.bool)
-    if 0 < top_k < vocab:
-        dropped = sorted_logits < sorted_logits[..., vocab - top_k: vocab - top_k + 1]
-    if top_p < 1.0:
-        cumulative = sorted_logits.masked_fill(dropped, float("-inf")).softmax(dim=-1).cumsum(dim=-1)
-        dropped = dropped | (cumulative <= 1 - top_p)
-        dropped[..., -1] = False
-    removed = torch.zeros_like(dropped).scatter(-1, order, dropped)
-    if keep is not None:
-        removed = removed.scatter(-1, keep.unsqueeze(-1), False)
-    return logits.masked_fill(removed, float("-inf"))
 
 
 def score_tokens(
