@@ -13,13 +13,14 @@ Plots (each skipped, and evaluation.md says why, when its inputs are absent):
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 
 # The comparison report's figure, number and LaTeX helpers, so both reports look alike.
-from raylign.cluster.report import _figure, _fmt, _latex_escape, _pareto_front, comparability_section
+from raylign.cluster.report import (
+    _figure, _finite_or_none, _fmt, _latex_escape, _pareto_front, comparability_section,
+)
 
 
 def _mean(model: dict, key: str):
@@ -269,16 +270,6 @@ def latex(result: dict) -> str:
         lines.append(_latex_escape(name) + " & " + " & ".join(_latex_cell(model, key, d) for _, key, d in columns) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
     return "\n".join(lines) + "\n"
-
-
-def _finite_or_none(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite_or_none(v) for v in value]
-    return value
 
 
 def write_outputs(result: dict, out: Path, finished: bool = True) -> dict:
