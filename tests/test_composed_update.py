@@ -51,14 +51,21 @@ def make_learner(model_dir: str, method: str, aggregation: str, micro_batch_size
     learner = LearnerWorker(model_dir, config.model, config.train, config.algorithm, config.rollout, seed=0)
     learner.attach_lora()
     # Random LoRA B and value head: the policy differs from the reference and values are not 0.
+    generator = randomise_lora_b(learner, 0.3)
+    with torch.no_grad():
+        for parameter in learner.value_head.parameters():
+            parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+    return learner
+
+
+def randomise_lora_b(learner: LearnerWorker, scale: float) -> torch.Generator:
+    """Draw every LoRA B factor from N(0, scale^2) (seed 11); returns the generator to draw more from."""
     generator = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for name, parameter in learner.model.named_parameters():
             if "lora_B" in name:
-                parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
-        for parameter in learner.value_head.parameters():
-            parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
-    return learner
+                parameter.copy_(scale * torch.randn(parameter.shape, generator=generator))
+    return generator
 
 
 def captured_gradient(learner: LearnerWorker, samples, rewards) -> tuple[dict, list[torch.Tensor]]:

@@ -13,6 +13,7 @@ from raylign.common.config import load_config
 from raylign.common.types import PromptItem
 from raylign.learner.grade import exact_kl, gumbel_noise, relaxed_generate
 from raylign.learner.learner_worker import LearnerWorker
+from tests.test_composed_update import randomise_lora_b
 
 torch.set_num_threads(1)
 
@@ -41,11 +42,7 @@ def grade_learner(model_dir, classifier_dir, method="grade", **algorithm) -> Lea
     config = load_config("configs/quickstart.yaml", overrides)
     learner = LearnerWorker(model_dir, config.model, config.train, config.algorithm, config.rollout, seed=0)
     learner.attach_lora()
-    generator = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for name, parameter in learner.model.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(0.5 * torch.randn(parameter.shape, generator=generator))
+    randomise_lora_b(learner, 0.5)
     return learner
 
 
