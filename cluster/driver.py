@@ -18,24 +18,26 @@ from pathlib import Path
 import ray
 
 from raylign.actors.reward_worker import check_invalid_fraction
-from raylign.cluster.evaluation import Evaluator, load_eval_prompts
+from raylign.cluster.console import actor_log_dir, run_console
+from raylign.cluster.evaluation import EvalPrompts, Evaluator, load_eval_prompts
 from raylign.cluster.learner_group import LearnerGroup
 from raylign.cluster.placement import with_threads
 from raylign.cluster.prompts import PromptCursor, PromptEncoder, PromptSampler
 from raylign.cluster.ray_setup import start_ray
 from raylign.cluster.reward_pool import RewardPool
 from raylign.cluster.rollout_pool import RolloutPool
-from raylign.common.config import ConfigError, RunConfig, config_to_yaml
+from raylign.common.config import ConfigError, RunConfig, RunStopped, config_to_yaml
 from raylign.common.data import load_columns, load_text_column
 from raylign.common.engine_support import EnginePlan, engine_plan
 from raylign.common.model_checks import check_has_tokenizer, check_lora_targets, hub_model_architecture
+from raylign.common.preflight import check_run_inputs
 from raylign.common.run_logging import RunLogger
 from raylign.common.statistics import steps_to_threshold
 from raylign.common.tiny_model import resolve_builtin_model
 from raylign.common.types import Sample
 
 
-class SyncError(RuntimeError):
+class SyncError(RunStopped):
     """The rollout actors are not sampling from the adapter the learner published."""
 
 
@@ -54,17 +56,37 @@ def train(config: RunConfig) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     config = with_threads(config)
     (output_dir / "config.yaml").write_text(config_to_yaml(config))
-    start_ray(config)
-    releases: list = []
-    try:
-        return run_training(config, output_dir, releases)
-    finally:
-        # Free the CPU/GPU reservations even when the run fails, so a shared Ray can go on.
-        for release in releases:
-            release()
+    with run_console(config, output_dir):
+        inputs = read_inputs(config, output_dir)  # before Ray: a bad input costs no reservation
+        start_ray(config)
+        releases: list = []
+        try:
+            return run_training(inputs, output_dir, releases)
+        finally:
+            # Free the CPU/GPU reservations even when the run fails, so a shared Ray can go on.
+            for release in releases:
+                release()
 
 
-def run_training(config: RunConfig, output_dir: Path, releases: list) -> dict:
+@dataclass
+class RunInputs:
+    """What the driver reads and checks before Ray starts."""
+
+    config: RunConfig  # with rollout.backend and rollout.weight_sync decided
+    engine: EnginePlan
+    model_path: str
+    encoder: PromptEncoder
+    sampler: PromptSampler
+    probe_sampler: PromptSampler
+    eval_prompts: EvalPrompts
+    resume: dict | None
+
+
+def read_inputs(config: RunConfig, output_dir: Path) -> RunInputs:
+    """The pre-flight checks (common/preflight.py), the model, the engine plan and every prompt set; anything
+    the user got wrong is a ConfigError here, before any actor starts."""
+    with user_errors():
+        check_run_inputs(config, output_dir / "data")
     model_path = resolve_model_path(config, output_dir)
     config, engine = prepare_run(config, model_path)
     # Every prompt set is tokenised and fitted to the budget before any actor starts: a set that cannot fit is
@@ -75,7 +97,15 @@ def run_training(config: RunConfig, output_dir: Path, releases: list) -> dict:
         # Gradient-variance probes draw their own prompts, so measuring never changes what training sees.
         probe_sampler = make_prompt_sampler(config, encoder, output_dir, seed=config.seed + 7919)
         eval_prompts = load_eval_prompts(config, output_dir, encoder)
-    resume = read_resume_state(config, output_dir)
+        resume = read_resume_state(config, output_dir)
+    print(f"[raylign] rollout engine: {engine.backend}, weight sync {engine.weight_sync} ({engine.reason})",
+          file=sys.stderr, flush=True)
+    return RunInputs(config, engine, model_path, encoder, sampler, probe_sampler, eval_prompts, resume)
+
+
+def run_training(inputs: RunInputs, output_dir: Path, releases: list) -> dict:
+    config, engine, model_path, encoder = inputs.config, inputs.engine, inputs.model_path, inputs.encoder
+    sampler, probe_sampler, eval_prompts, resume = inputs.sampler, inputs.probe_sampler, inputs.eval_prompts, inputs.resume
     if resume is not None and config.sft.steps > 0:
         model_path = str(output_dir / "sft_model")  # the warm-started base the checkpoint's adapter belongs to
 
@@ -87,7 +117,7 @@ def run_training(config: RunConfig, output_dir: Path, releases: list) -> dict:
     learners.attach_lora()
 
     rollouts = RolloutPool(config, model_path, max_model_len=encoder.max_model_len())
-    rewards = RewardPool(config.reward)
+    rewards = RewardPool(config.reward, log_dir=actor_log_dir(config))
     releases.extend([rollouts.release, rewards.release])
     evaluator = Evaluator(config, output_dir, rollouts, rewards, learners.leader, eval_prompts)
     history: list[dict] = []
@@ -193,6 +223,7 @@ def run_training(config: RunConfig, output_dir: Path, releases: list) -> dict:
                 **learner_metrics,
                 "time/learner_compute_s": learner_seconds,
                 "rollout/restarts": rollouts.restarts,
+                "reward/restarts": rewards.restarts,
                 "learner/restarts": learner_restarts,
                 "rollout/staleness": learner_metrics["policy_version"] - 1 - min(s.policy_version for s in batch.samples),
                 "data/truncated_prompts": batch.truncated_prompts,
@@ -334,14 +365,12 @@ def user_errors():
 
 
 def prepare_run(config: RunConfig, model_path: str) -> tuple[RunConfig, EnginePlan]:
-    """Start-up checks of the model against the config, and the rollout engine it gets (logged once,
+    """Start-up checks of the model against the config, and the rollout engine it gets (logged by `read_inputs`,
     recorded in results.json): the config with rollout.backend and rollout.weight_sync decided, and the plan."""
     with user_errors():
         check_has_tokenizer(model_path, "model.path")
         check_lora_targets(model_path, config.model.lora.target_modules, "model.lora.target_modules")
         plan = engine_plan(config.rollout.backend, config.rollout.weight_sync, hub_model_architecture(model_path))
-    print(f"[raylign] rollout engine: {plan.backend}, weight sync {plan.weight_sync} ({plan.reason})",
-          file=sys.stderr, flush=True)
     rollout = config.rollout.model_copy(update={"backend": plan.backend, "weight_sync": plan.weight_sync})
     return config.model_copy(update={"rollout": rollout}), plan
 
@@ -424,7 +453,7 @@ def summarise(history: list[dict], wall_seconds: float, sft_metrics: dict, final
         "reward_last_10pct": statistics.fmean(m["reward_mean"] for m in history[-window:]),
         # Sample efficiency: first step whose smoothed reward covers 80 % of the run's rise.
         "steps_to_80pct": steps_to_threshold([m["step"] for m in history], [m["reward_mean"] for m in history], 0.8),
-        "kl_last": history[-1]["kl"],
+        "kl_last": history[-1].get("kl"),  # absent when no KL term was on (no reference pass)
         "logprob_gap_max": max((m["rollout/logprob_gap"] for m in history if "rollout/logprob_gap" in m), default=None),
         "mean_timings": {k: statistics.fmean(m[k] for m in history if k in m) for k in timing_keys},
         "wall_seconds": wall_seconds,
@@ -444,7 +473,9 @@ class ProgressBar:
     def advance(self, last: dict) -> None:
         if self.bar is None:
             return
-        postfix = {"reward": f"{last['reward_mean']:.3f}", "kl": f"{last['kl']:.4f}"}
+        postfix = {"reward": f"{last['reward_mean']:.3f}"}
+        if "kl" in last:
+            postfix["kl"] = f"{last['kl']:.4f}"
         if "rollout/logprob_gap" in last:
             postfix["gap"] = f"{last['rollout/logprob_gap']:.1e}"
         self.bar.set_postfix(postfix)

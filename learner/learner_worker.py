@@ -222,7 +222,6 @@ class LearnerWorker:
         metrics.update(self._grad_norm_metrics(grad_norms[-1]))
         metrics.update({
             "entropy": token_mean(targets.entropy),
-            "kl_sequence": float(sequence_kl.mean()),
             "kl_coef": targets.kl_coef,
             "kl_placement": "reward" if algo.kl_in_reward else "loss",
             "rollout/logprob_gap": token_mean(gap),
@@ -232,6 +231,8 @@ class LearnerWorker:
             "policy_version": self.version,
             "learn_seconds": time.perf_counter() - start,
         })
+        if targets.ref_logp is not None:
+            metrics["kl_sequence"] = float(sequence_kl.mean())
         if targets.importance is not None:
             metrics["importance_weight_mean"] = token_mean(targets.importance)
         if targets.returns is not None:

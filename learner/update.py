@@ -16,7 +16,8 @@ couples rows (group advantages, PPO's whitening) and sums the gradients (learner
 With one epoch and one minibatch, and when the advantages do not depend on the policy's logprobs (not
 PPO, KL not in the reward), the weights that score the training forward are the weights that sampled the
 batch, so the old logprobs are that forward's own (detached) logprobs: no extra pass, and the sync guard
-stays exact.
+stays exact. With no KL term on (`needs_reference`), the reference forward is skipped as well, and the
+run logs no KL.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ class UpdateTargets:
     batch: TokenBatch
     old_logp: torch.Tensor
     entropy: torch.Tensor
-    ref_logp: torch.Tensor
+    ref_logp: torch.Tensor | None  # None when no KL term is on (needs_reference)
     old_values: torch.Tensor | None
     advantages: torch.Tensor
     returns: torch.Tensor | None
@@ -155,9 +156,18 @@ def _group_relative(method: str, scores: torch.Tensor, group_size: int, advantag
     return alg.rloo_advantages(scores, group_size)
 
 
+def needs_reference(algo: AlgorithmConfig) -> bool:
+    """Whether any KL term can be on: a coefficient that is 0 and stays 0 (fixed, or adaptive, which only
+    scales it) makes the reference forward and the KL metrics pointless, so both are skipped."""
+    if algo.kl_controller == "phased":
+        return any(coef > 0 for _, coef in algo.kl_schedule)
+    return algo.kl_coef > 0
+
+
 def needs_old_pass(algo: AlgorithmConfig) -> bool:
     """Whether the old logprobs need their own forward before the update (see the module docstring)."""
-    return algo.name == "ppo" or algo.kl_in_reward or algo.epochs > 1 or algo.num_minibatches > 1
+    kl_in_reward = algo.kl_in_reward and needs_reference(algo)
+    return algo.name == "ppo" or kl_in_reward or algo.epochs > 1 or algo.num_minibatches > 1
 
 
 @torch.no_grad()
@@ -172,21 +182,23 @@ def prepare_targets(policy: ScoringPolicy, batch: TokenBatch, scores: torch.Tens
     mask, is_ppo = batch.completion_mask, algo.name == "ppo"
     rows = torch.arange(len(scores)) if rows is None else rows
     local_scores = scores[rows.to(scores.device)]
-    ref = policy.reference_score(batch)
+    ref_logp = policy.reference_score(batch).logprobs if needs_reference(algo) else None
+    token_zeros = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     if needs_old_pass(algo):
         old, old_values = policy.score(batch, with_entropy=True, with_values=is_ppo)
         old_logp, entropy = old.logprobs, old.entropy
-        sequence_kl = alg.masked_sum(alg.kl_per_token(old_logp, ref.logprobs, "k1"), mask, dim=-1)
+        sequence_kl = (alg.masked_sum(alg.kl_per_token(old_logp, ref_logp, "k1"), mask, dim=-1)
+                       if ref_logp is not None else torch.zeros_like(local_scores))
         importance = (alg.truncated_importance_weights(old_logp, batch.behaviour_logprobs, algo.importance_sampling_cap)
                       if algo.importance_sampling_cap is not None else None)
     else:
         old_values = None
-        old_logp, entropy = torch.zeros_like(ref.logprobs), torch.zeros_like(ref.logprobs)
+        old_logp, entropy = token_zeros.clone(), token_zeros.clone()
         sequence_kl = torch.zeros_like(local_scores)
-        importance = torch.ones_like(ref.logprobs) if algo.importance_sampling_cap is not None else None
+        importance = torch.ones_like(token_zeros) if algo.importance_sampling_cap is not None else None
     returns = None
     if is_ppo:
-        kl_k1 = alg.kl_per_token(old_logp, ref.logprobs, "k1")
+        kl_k1 = alg.kl_per_token(old_logp, ref_logp, "k1") if ref_logp is not None else token_zeros
         token_rewards = alg.eos_rewards_with_kl(local_scores, kl_k1, mask, kl_coef if algo.kl_in_reward else 0.0)
         advantages, returns = alg.gae(token_rewards, old_values, mask, algo.gamma, algo.lam)
         advantages = whiten_across_ranks(advantages, mask, ranks)
@@ -198,7 +210,7 @@ def prepare_targets(policy: ScoringPolicy, batch: TokenBatch, scores: torch.Tens
                                          single_sample_groups=algo.single_sample_groups, baseline=baseline)
         advantages = advantages[rows.to(advantages.device)]
     return UpdateTargets(
-        batch=batch, old_logp=old_logp, entropy=entropy, ref_logp=ref.logprobs, old_values=old_values,
+        batch=batch, old_logp=old_logp, entropy=entropy, ref_logp=ref_logp, old_values=old_values,
         advantages=alg.clip_advantages(advantages, algo.advantage_clip), returns=returns, importance=importance,
         sequence_kl=sequence_kl, kl_coef=kl_coef, old_from_training_forward=not needs_old_pass(algo), rows=rows,
     )
@@ -261,7 +273,8 @@ def minibatch_loss(policy: ScoringPolicy, targets: UpdateTargets, rows: torch.Te
     importance = None if targets.importance is None else targets.importance[rows]
 
     loss, stats = policy_objective(
-        current.logprobs, old_logp, targets.ref_logp[rows], targets.advantages[rows], mask,
+        current.logprobs, old_logp, None if targets.ref_logp is None else targets.ref_logp[rows],
+        targets.advantages[rows], mask,
         clip_low=algo.clip_low, clip_high=algo.clip_high, kl_coef_in_loss=0.0 if algo.kl_in_reward else targets.kl_coef,
         kl_estimator=algo.kl_estimator, aggregation=algo.loss_aggregation, max_new_tokens=max_new_tokens,
         normaliser=normaliser, importance_weights=importance, entropy=current.entropy, entropy_coef=algo.entropy_coef,
@@ -279,7 +292,7 @@ def minibatch_loss(policy: ScoringPolicy, targets: UpdateTargets, rows: torch.Te
 def policy_objective(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
-    ref_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
@@ -301,8 +314,9 @@ def policy_objective(
     the KL is still measured for logging.
     """
     policy_per_token, clipped = alg.clipped_surrogate_loss(logp, old_logp, advantages, clip_low, clip_high, importance_weights)
-    kl = alg.kl_per_token(logp, ref_logp, kl_estimator)
-    per_token = policy_per_token + kl_coef_in_loss * kl
+    # No reference (no KL term on): the KL is neither in the loss nor measured.
+    kl = alg.kl_per_token(logp, ref_logp, kl_estimator) if ref_logp is not None else None
+    per_token = policy_per_token + kl_coef_in_loss * kl if kl is not None else policy_per_token
     if entropy is not None and entropy_coef > 0:
         per_token = per_token - entropy_coef * entropy
 
@@ -311,7 +325,7 @@ def policy_objective(
 
     stats = {
         "policy_loss": aggregate(policy_per_token).detach(),
-        "kl": aggregate(kl, "token_mean").detach(),
+        **({"kl": aggregate(kl, "token_mean").detach()} if kl is not None else {}),
         "clip_fraction": aggregate(clipped.float(), "token_mean").detach(),
         "approx_kl": aggregate(0.5 * (logp - old_logp) ** 2, "token_mean").detach(),
     }
@@ -324,7 +338,8 @@ def _fill_old_from(targets: UpdateTargets, rows: torch.Tensor, current: TokenSco
     mask = targets.batch.completion_mask[rows]
     targets.old_logp[rows] = old
     targets.entropy[rows] = current.entropy.detach()
-    targets.sequence_kl[rows] = alg.masked_sum(alg.kl_per_token(old, targets.ref_logp[rows], "k1"), mask, dim=-1)
+    if targets.ref_logp is not None:
+        targets.sequence_kl[rows] = alg.masked_sum(alg.kl_per_token(old, targets.ref_logp[rows], "k1"), mask, dim=-1)
     if targets.importance is not None:
         targets.importance[rows] = alg.truncated_importance_weights(
             old, targets.batch.behaviour_logprobs[rows], algo.importance_sampling_cap)
@@ -351,7 +366,8 @@ def run_update(policy: ScoringPolicy, targets: UpdateTargets, algo: AlgorithmCon
     local_index = torch.full((size,), -1, dtype=torch.long)
     local_index[targets.rows] = torch.arange(local_count)
     # Every rank sums the same keys, even one that owns no row of a minibatch.
-    keys = ["loss", "policy_loss", "kl", "clip_fraction", "approx_kl"] + (["value_loss"] if targets.returns is not None else [])
+    keys = (["loss", "policy_loss"] + (["kl"] if targets.ref_logp is not None else []) + ["clip_fraction", "approx_kl"]
+            + (["value_loss"] if targets.returns is not None else []))
     totals = torch.zeros(len(keys), dtype=torch.float64)
     grad_norms = []
     for _ in range(algo.epochs):

@@ -281,3 +281,24 @@ def test_k1_in_the_loss_is_refused_with_the_reason():
         load_config("configs/quickstart.yaml", ["algorithm.kl_estimator=k1", "model.path=builtin:tiny-llama"])
     config = load_config("configs/quickstart.yaml", ["algorithm.kl_estimator=k1", "algorithm.kl_placement=reward"])
     assert config.algorithm.kl_in_reward
+
+
+@pytest.mark.parametrize("method", ["grpo", "reinforce", "ppo"])
+def test_no_kl_term_skips_the_reference_forward_and_keeps_the_update(tiny_model_dir, batch, method, monkeypatch):
+    """kl_coef 0: the reference is never scored, no KL is logged, and the gradient is the plain reference's
+    with beta 0 (REINFORCE puts its KL in the reward, so its old-logprob pass goes too)."""
+    import raylign.learner.update as update
+
+    learner = make_learner(tiny_model_dir, method, "token_mean", 5, kl_coef=0.0)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference was scored with no KL term on")
+
+    monkeypatch.setattr(learner.policy, "reference_score", refuse)
+    assert update.needs_old_pass(learner.algorithm) == (method == "ppo")
+    metrics, actual = captured_gradient(learner, batch, REWARDS)
+    assert "kl" not in metrics and "kl_sequence" not in metrics
+    monkeypatch.setitem(globals(), "BETA", 0.0)  # the plain reference's beta
+    expected_loss, expected = reference_gradient(learner, batch, REWARDS, method, "token_mean")
+    assert math.isclose(metrics["loss"], expected_loss, rel_tol=1e-5, abs_tol=1e-6), method
+    assert_same_gradient(actual, expected, f"{method} without a KL term")
