@@ -14,13 +14,13 @@ import time
 import traceback
 
 from raylign.actors.rewards import RewardSource, RunningNormalizer, build_source
-from raylign.common.config import RewardConfig
+from raylign.common.config import RewardConfig, RunStopped
 from raylign.common.types import RewardResult, Sample
 
 WORKER_SOURCE = "reward_worker"
 
 
-class RewardError(RuntimeError):
+class RewardError(RunStopped):
     """A reward function failed or returned something unusable; the message says which sample and why."""
 
 
@@ -43,13 +43,9 @@ class RewardWorker:
             torch.set_num_threads(config.threads or 1)
             if device is None and config.num_gpus > 0 and torch.cuda.is_available():
                 self.device = "cuda"
-        if config.sources:
-            locations = [(f"reward.sources[{i}]", None) for i in range(len(sources))]
-        else:
-            locations = [("reward", "reward.function")]
         self.sources: list[RewardSource] = [
             build_source(source, self.device, config.batch_size, field, name_field)
-            for source, (field, name_field) in zip(sources, locations)
+            for source, (field, name_field) in zip(sources, source_locations(config))
         ]
         self.normalizer = RunningNormalizer(config.ema_momentum) if config.normalize == "running" else None
 
@@ -128,6 +124,13 @@ class RewardWorker:
         if any(value is None for value in values):
             return None
         return math.fsum(source.weight * value for source, value in zip(self.sources, values))
+
+
+def source_locations(config: RewardConfig) -> list[tuple[str, str | None]]:
+    """Where each of `resolved_sources()` sits in the config, for messages: (its field, the field of its name)."""
+    if config.sources:
+        return [(f"reward.sources[{i}]", None) for i in range(len(config.sources))]
+    return [("reward", "reward.function")]
 
 
 def check_invalid_fraction(result: RewardResult, max_invalid_fraction: float, step: int) -> None:

@@ -84,8 +84,9 @@ def resolve_reward_function(name: str, field: str = "reward.function") -> Reward
         module_name, function_name = name.split(":", 1)
         try:
             module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ValueError(f"{field} = '{name}': cannot import module '{module_name}' ({exc}); check the module path") from exc
+        except Exception as exc:  # an ImportError, or whatever the module's own code raised while it was imported
+            raise ValueError(f"{field} = '{name}': cannot import module '{module_name}' ({type(exc).__name__}: {exc}); "
+                             "check the module path (importable from the working directory or PYTHONPATH) and the module") from exc
         function = getattr(module, function_name, None)
         if not callable(function):
             raise ValueError(f"{field} = '{name}': '{module_name}' has no callable '{function_name}'")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from raylign.common.config import ConfigError, describe_fields, fields_help, load_config
+from raylign.common.config import ConfigError, RunStopped, describe_fields, fields_help, load_config
 from raylign.common.tiny_model import FAMILIES
 
 
@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"raylign: {exc}", file=sys.stderr)
         return 2
+    except RunStopped as stop:
+        print(f"raylign: {stop}\n(the traceback is in {stop.log_file})", file=sys.stderr)
+        return 1
     for results in runs:
         print(
             f"done: {results['steps']} steps, reward {results['reward_first_10pct']:.3f} (first 10%) -> "

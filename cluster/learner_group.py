@@ -11,6 +11,7 @@ import uuid
 import ray
 from ray.util.placement_group import remove_placement_group
 
+from raylign.cluster.console import actor_log_dir, remote_actor
 from raylign.cluster.placement import worker_placement
 from raylign.common.config import RunConfig
 from raylign.learner.learner_worker import LearnerWorker
@@ -20,7 +21,7 @@ class LearnerGroup:
     def __init__(self, config: RunConfig, model_path: str):
         train = config.train
         self.placement, bundle = worker_placement(train.num_learners, train.num_cpus, train.num_gpus, "STRICT_PACK")
-        actor = ray.remote(LearnerWorker)
+        actor = remote_actor(LearnerWorker, "learner", actor_log_dir(config))
         self.actors = [
             actor.options(num_cpus=train.num_cpus, num_gpus=train.num_gpus, scheduling_strategy=bundle(rank)).remote(
                 model_path, config.model, train, config.algorithm, config.rollout, config.seed)

@@ -12,7 +12,7 @@ from raylign.common.config import RunConfig
 
 WORKER_ENV = {
     "VLLM_LOGGING_LEVEL": "WARNING",
-    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_VERBOSITY": "warning",
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TQDM_DISABLE": "1",
@@ -42,11 +42,13 @@ def start_ray(config: RunConfig) -> None:
         # the user's value wins.
         job_env = job_env_vars()
         worker_env = {key: value for key, value in WORKER_ENV.items() if key not in job_env}
-        ray.init(address=config.cluster.address, runtime_env={"env_vars": worker_env})
+        ray.init(address=config.cluster.address, runtime_env={"env_vars": worker_env}, log_to_driver=config.logging.verbose)
         return
     # Logical CPUs only schedule actors; on a small machine they time-share the real cores.
     num_cpus = max(config.cluster.num_cpus or os.cpu_count() or 1, math.ceil(requested_cpus(config)))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
+    # Unless logging.verbose, each actor writes its output to output_dir/logs/ (cluster/console.py), not the console.
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV},
+             log_to_driver=config.logging.verbose)
 
 
 RESTART_TIMEOUT_S = 600

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ray
 
 from raylign.actors.reward_worker import RewardWorker
+from raylign.cluster.console import remote_actor
 from raylign.cluster.placement import worker_placement
 from raylign.cluster.ray_setup import wait_for_restart
 from raylign.common.config import RewardConfig
@@ -17,11 +18,12 @@ from raylign.common.types import RewardResult, Sample
 
 
 class RewardPool:
-    def __init__(self, config: RewardConfig):
+    def __init__(self, config: RewardConfig, log_dir: str | None = None):
+        """`log_dir`: where the actors write their output (cluster/console.py); None leaves it to Ray."""
         # A crashed actor is restarted by Ray and the batch scored again. The running statistics live
         # here and travel with every call, so a restarted actor starts from the right state.
         self.placement, bundle = worker_placement(config.num_workers, config.num_cpus, config.num_gpus, "PACK")
-        actor = ray.remote(RewardWorker)
+        actor = remote_actor(RewardWorker, "reward", log_dir)
         self.workers = [actor.options(num_cpus=config.num_cpus, num_gpus=config.num_gpus, max_restarts=config.max_restarts,
                                       scheduling_strategy=bundle(rank)).remote(config)
                         for rank in range(config.num_workers)]

@@ -8,6 +8,7 @@ import time
 import ray
 
 from raylign.actors.rollout_worker import RolloutWorker
+from raylign.cluster.console import actor_log_dir, remote_actor
 from raylign.cluster.placement import worker_placement
 from raylign.cluster.ray_setup import wait_for_restart
 from raylign.common.config import RunConfig
@@ -29,7 +30,7 @@ class RolloutPool:
         # current policy into it and re-dispatches its work item, so no prompt is lost.
         count = num_workers or rollout.num_workers
         self.placement, bundle = worker_placement(count, rollout.num_cpus, rollout.num_gpus, config.cluster.rollout_strategy)
-        actor = ray.remote(RolloutWorker)
+        actor = remote_actor(RolloutWorker, "rollout", actor_log_dir(config))
         self.workers = [
             actor.options(num_cpus=rollout.num_cpus, num_gpus=rollout.num_gpus, max_restarts=rollout.max_restarts,
                           scheduling_strategy=bundle(rank)).remote(

@@ -24,6 +24,13 @@ class ConfigError(ValueError):
     """A user-caused configuration problem; the message names field, value and fix."""
 
 
+class RunStopped(RuntimeError):
+    """A run stopped for a reason the user can act on (too many invalid rewards, a weight-sync failure); the
+    message says what and the fix. `raylign train` prints it alone; the traceback goes to `log_file`."""
+
+    log_file: str | None = None
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -523,6 +530,14 @@ class LoggingConfig(Section):
     wandb_mode: Literal["offline", "online"] = Field("offline", description="'offline' works without a network; sync later with `wandb sync`.")
     samples_per_step: int = Field(4, ge=0, description="Samples written to samples.jsonl each step.")
     progress: bool = Field(True, description="Show a progress bar.")
+    verbose: bool = Field(
+        False,
+        description=(
+            "Show what vLLM, Ray, transformers and datasets print (warnings, progress bars) on the console. False: "
+            "the console shows the progress bar and the run's own messages; each actor's output goes to "
+            "output_dir/logs/<role>.log (rollout, reward, learner) and the driver's library warnings to logs/driver.log."
+        ),
+    )
 
 
 class ClusterConfig(Section):

@@ -33,8 +33,9 @@ class PromptLimit:
             room = context - max_new_tokens
             if room < 1:
                 raise ValueError(
-                    f"rollout.max_new_tokens = {max_new_tokens} leaves no room for a prompt in {context_name}; "
-                    "lower rollout.max_new_tokens"
+                    f"rollout.max_new_tokens = {max_new_tokens} leaves no room for a prompt in {context_name}, which "
+                    f"each prompt and its completion share; set rollout.max_new_tokens to {context} minus the longest "
+                    f"prompt or less, e.g. rollout.max_new_tokens={max(1, context // 4)}"
                 )
             limits.append((room, f"{context_name} minus rollout.max_new_tokens = {max_new_tokens}"))
         if max_prompt_tokens is not None:
