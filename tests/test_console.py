@@ -26,7 +26,7 @@ def nan_reward(prompts, completions, **_):
 
 def short_run(tmp_path, model_dir, *overrides):
     return ["train", "configs/quickstart.yaml", f"output_dir={tmp_path / 'run'}", f"model.path={model_dir}",
-            "sft.steps=0", "rollout.backend=hf", "train.steps=2", "train.prompts_per_step=2",
+            "sft.steps=0", "rollout.backend=hf", "train.steps=1", "train.prompts_per_step=2",
             "rollout.samples_per_prompt=2", "rollout.max_new_tokens=8", "eval.every=0", "eval.run_test=false", *overrides]
 
 
@@ -35,7 +35,7 @@ def test_a_short_run_prints_its_progress_and_messages_and_the_logs_hold_the_libr
         tiny_model_dir, ray_session, tmp_path, capfd):
     assert main(short_run(tmp_path, tiny_model_dir, "reward.function=tests.test_console:noisy_reward")) == 0
     out, err = capfd.readouterr()
-    assert out.startswith("done: 2 steps")
+    assert out.startswith("done: 1 steps")
     # Only the run's own lines and the progress bar (tqdm redraws it with carriage returns).
     lines = [line for line in re.split(r"[\r\n]+", err) if line.strip()]
     assert lines and all(line.startswith(("[raylign] ", "train:")) for line in lines), lines
