@@ -52,6 +52,10 @@ class Ranks:
         full[rows.to(local.device)] = local
         return self.sum(full)
 
+    def barrier(self) -> None:
+        """Wait until every rank gets here (rank 0 writing a file the others then read)."""
+        self.sum(torch.zeros(1))
+
     def sum_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
         """Replace each parameter's gradient by its sum over the ranks (a missing gradient counts as 0)."""
         if self.alone:

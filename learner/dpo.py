@@ -22,6 +22,7 @@ from raylign.common.prompt_completion import (
     pad_token_id,
 )
 from raylign.learner import offline_loop
+from raylign.learner.data_parallel import SINGLE, Ranks
 
 LossType = Literal["sigmoid", "ipo"]
 
@@ -34,8 +35,11 @@ def dpo_loss(
     *,
     beta: float = 0.1,
     loss_type: LossType = "sigmoid",
+    count: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss (mean over pairs) and metrics.
+    """Loss (mean over pairs) and metrics. With `count` (the pairs of the whole batch, when these are one rank's
+    share of it) the loss and every metric are sums over these pairs divided by `count`: the ranks' values sum
+    to the batch's means.
 
     With h = (π_c − ref_c) − (π_r − ref_r):
       sigmoid (DPO, Rafailov et al. 2023): −log σ(β·h)
@@ -52,15 +56,16 @@ def dpo_loss(
         losses = (h - 1.0 / (2.0 * beta)) ** 2
     else:
         raise ValueError(f"loss_type = '{loss_type}' is unknown; choose 'sigmoid' (DPO) or 'ipo'")
+    count = len(h) if count is None else count
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
     metrics = {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/chosen": chosen_rewards.sum() / count,
+        "rewards/rejected": rejected_rewards.sum() / count,
+        "rewards/margins": (chosen_rewards - rejected_rewards).sum() / count,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum() / count,
     }
-    return losses.mean(), metrics
+    return losses.sum() / count, metrics
 
 
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -96,8 +101,9 @@ def _pair_logprobs(model, pairs, pad_id: int, device, average: bool) -> tuple[to
 
 @torch.no_grad()
 def reference_logprobs(model, pairs, *, batch_size: int, pad_id: int, average: bool,
-                       reference_model=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference logprobs of every pair: `reference_model` when given, else `model` with its adapter disabled."""
+                       reference_model=None, ranks: Ranks = SINGLE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference logprobs of every pair: `reference_model` when given, else `model` with its adapter disabled
+    (each rank scores its share; every rank returns all)."""
     if reference_model is None and not hasattr(model, "disable_adapter"):
         raise ValueError(
             "DPO's reference is the policy with its LoRA adapter disabled, but this model has no adapter; "
@@ -107,27 +113,21 @@ def reference_logprobs(model, pairs, *, batch_size: int, pad_id: int, average: b
     device = next(scorer.parameters()).device
     was_training = scorer.training
     scorer.eval()
-    chosen, rejected = [], []
     with model.disable_adapter() if reference_model is None else nullcontext():
-        for start in range(0, len(pairs), batch_size):
-            c, r = _pair_logprobs(scorer, pairs[start:start + batch_size], pad_id, device, average)
-            chosen.append(c.cpu())
-            rejected.append(r.cpu())
+        chosen, rejected = offline_loop.score_in_shares(
+            lambda chunk: _pair_logprobs(scorer, chunk, pad_id, device, average), pairs, batch_size, ranks)
     scorer.train(was_training)
-    return torch.cat(chosen), torch.cat(rejected)
+    return chosen, rejected
 
 
 @torch.no_grad()
 def dpo_metrics(model, pairs, reference: tuple[torch.Tensor, torch.Tensor], *, batch_size: int, pad_id: int,
-                beta: float, loss_type: LossType, prefix: str = "eval/") -> dict[str, float]:
+                beta: float, loss_type: LossType, prefix: str = "eval/", ranks: Ranks = SINGLE) -> dict[str, float]:
     """Loss and reward metrics over a whole set, with the reference logprobs already computed."""
     device = next(model.parameters()).device
-    chosen, rejected = [], []
-    for start in range(0, len(pairs), batch_size):
-        c, r = _pair_logprobs(model, pairs[start:start + batch_size], pad_id, device, loss_type == "ipo")
-        chosen.append(c.cpu())
-        rejected.append(r.cpu())
-    loss, metrics = dpo_loss(torch.cat(chosen), torch.cat(rejected), *reference, beta=beta, loss_type=loss_type)
+    chosen, rejected = offline_loop.score_in_shares(
+        lambda chunk: _pair_logprobs(model, chunk, pad_id, device, loss_type == "ipo"), pairs, batch_size, ranks)
+    loss, metrics = dpo_loss(chosen, rejected, *reference, beta=beta, loss_type=loss_type)
     return {f"{prefix}loss": loss.item(), **{f"{prefix}{k}": v.item() for k, v in metrics.items()}}
 
 
@@ -149,6 +149,7 @@ def dpo_train(
     max_grad_norm: float = 1.0,
     reference_model=None,
     trainable_parameters=None,
+    ranks: Ranks = SINGLE,
 ) -> list[dict[str, float]]:
     """Train the adapter of a PEFT `model` with DPO (or IPO) on chosen/rejected pairs.
 
@@ -157,7 +158,8 @@ def dpo_train(
     policy and reference agree exactly. IPO uses per-token mean logprobs (as TRL does) so its target margin
     1/(2β) does not depend on length; the sigmoid loss uses sums. Returns one metrics row per step (`step`,
     `loss`, `grad_norm`, `rewards/*`, `logps/chosen`, `logps/rejected`); rows every `eval_every` steps and
-    the last also carry `eval/loss` and `eval/rewards/*` on `val_examples`.
+    the last also carry `eval/loss` and `eval/rewards/*` on `val_examples`. With `ranks` each rank scores and
+    differentiates its pairs of every batch (see offline_loop), and every rank returns the same rows.
     """
     if beta <= 0:
         raise ValueError(f"beta = {beta}: must be > 0 (0.1 is the usual choice)")
@@ -168,27 +170,29 @@ def dpo_train(
     if val_examples:
         val_pairs = encode_preference_pairs(tokenizer, val_examples, max_length=max_length, chat_template=chat_template)
     ref_chosen, ref_rejected = reference_logprobs(model, pairs + val_pairs, batch_size=batch_size, pad_id=pad_id,
-                                                  average=average, reference_model=reference_model)
+                                                  average=average, reference_model=reference_model, ranks=ranks)
     train_reference = (ref_chosen[: len(pairs)], ref_rejected[: len(pairs)])
     val_reference = (ref_chosen[len(pairs):], ref_rejected[len(pairs):])
     parameters = offline_loop.trainable_parameters(model, trainable_parameters)
-    optimiser = offline_loop.Optimiser(parameters, learning_rate, steps, max_grad_norm)
+    optimiser = offline_loop.Optimiser(parameters, learning_rate, steps, max_grad_norm, ranks)
     device = next(model.parameters()).device
     batches = offline_loop.index_batches(len(pairs), batch_size, seed)
     model.eval()
     history = []
     for step in range(1, steps + 1):
-        indices = next(batches)
+        batch = next(batches)
+        indices = offline_loop.rank_share(batch, ranks)
         chosen, rejected = _pair_logprobs(model, [pairs[i] for i in indices], pad_id, device, average)
         loss, metrics = dpo_loss(
             chosen, rejected, train_reference[0][indices].to(device), train_reference[1][indices].to(device),
-            beta=beta, loss_type=loss_type,
+            beta=beta, loss_type=loss_type, count=len(batch),
         )
-        row = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in metrics.items()},
-               "logps/chosen": chosen.mean().item(), "logps/rejected": rejected.mean().item(),
-               "grad_norm": optimiser.step(loss)}
+        shares = {"loss": loss.detach(), **metrics, "logps/chosen": chosen.detach().sum() / len(batch),
+                  "logps/rejected": rejected.detach().sum() / len(batch)}
+        totals = ranks.sum(torch.stack(list(shares.values())))
+        row = {"step": step, **{key: float(total) for key, total in zip(shares, totals)}, "grad_norm": optimiser.step(loss)}
         if val_pairs and (step == steps or (eval_every and step % eval_every == 0)):
             row.update(dpo_metrics(model, val_pairs, val_reference, batch_size=batch_size, pad_id=pad_id,
-                                   beta=beta, loss_type=loss_type))
+                                   beta=beta, loss_type=loss_type, ranks=ranks))
         history.append(row)
     return history

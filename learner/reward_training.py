@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from raylign.common.preference_data import PreferenceExample
 from raylign.common.prompt_completion import collate_prompt_completion, encode_preference_pairs, pad_token_id
 from raylign.learner import offline_loop
+from raylign.learner.data_parallel import SINGLE, Ranks
 
 # ----- losses (pure) -----
 
@@ -28,18 +29,21 @@ def bradley_terry_loss(
     *,
     margin: torch.Tensor | float | None = None,
     center_coef: float = 0.0,
+    count: int | None = None,
 ) -> torch.Tensor:
     """mean(-log σ(r_c − r_r − margin)) + center_coef · mean((r_c + r_r)²).
 
     The margin (Llama 2) asks for a larger gap on pairs known to differ more; the centring term
-    (Eisenstein et al. 2023) pins the reward's free offset so scores stay near zero mean.
+    (Eisenstein et al. 2023) pins the reward's free offset so scores stay near zero mean. With `count` (the
+    pairs of the whole batch, when these are one rank's share) each mean is a sum over these pairs / `count`.
     """
+    count = len(chosen_rewards) if count is None else count
     gap = chosen_rewards - rejected_rewards
     if margin is not None:
         gap = gap - margin
-    loss = -F.logsigmoid(gap).mean()
+    loss = -F.logsigmoid(gap).sum() / count
     if center_coef:
-        loss = loss + center_coef * (chosen_rewards + rejected_rewards).pow(2).mean()
+        loss = loss + center_coef * (chosen_rewards + rejected_rewards).pow(2).sum() / count
     return loss
 
 
@@ -48,9 +52,9 @@ def pairwise_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tens
     return (chosen_rewards > rejected_rewards).float().mean()
 
 
-def classifier_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of class logits [B, C] against integer labels [B]."""
-    return F.cross_entropy(logits.float(), labels)
+def classifier_loss(logits: torch.Tensor, labels: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """Cross-entropy of class logits [B, C] against integer labels [B]: the mean, or the sum / `count`."""
+    return F.cross_entropy(logits.float(), labels, reduction="sum") / (len(labels) if count is None else count)
 
 
 # ----- scalar (Bradley-Terry) reward model -----
@@ -65,17 +69,12 @@ def _pair_rewards(model, encoded_pairs, pad_id: int, device) -> tuple[torch.Tens
 
 @torch.no_grad()
 def score_pairs(model, tokenizer, examples: Sequence[PreferenceExample], *, batch_size: int, max_length: int,
-                chat_template: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards of every chosen and every rejected completion, [N] each."""
+                chat_template: bool | None = None, ranks: Ranks = SINGLE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of every chosen and every rejected completion, [N] each (each rank scores its share)."""
     encoded = encode_preference_pairs(tokenizer, examples, max_length=max_length, chat_template=chat_template)
     device, pad_id = next(model.parameters()).device, pad_token_id(tokenizer)
     model.eval()
-    chosen, rejected = [], []
-    for start in range(0, len(encoded), batch_size):
-        c, r = _pair_rewards(model, encoded[start:start + batch_size], pad_id, device)
-        chosen.append(c.cpu())
-        rejected.append(r.cpu())
-    return torch.cat(chosen), torch.cat(rejected)
+    return offline_loop.score_in_shares(lambda chunk: _pair_rewards(model, chunk, pad_id, device), encoded, batch_size, ranks)
 
 
 def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, prefix: str = "val/") -> dict[str, float]:
@@ -105,35 +104,40 @@ def train_reward_model(
     chat_template: bool | None = None,
     max_grad_norm: float = 1.0,
     trainable_parameters=None,
+    ranks: Ranks = SINGLE,
 ) -> list[dict[str, float]]:
     """Bradley-Terry training of a scalar RM on chosen/rejected pairs.
 
     `margin` is a constant or a function of the example (e.g. its score gap). Returns one metrics row per step
     (`step`, `loss`, `accuracy`, `margin_mean`, `grad_norm`); rows at every `eval_every` steps and the last
-    also carry `val/accuracy`, `val/loss`, `val/margin_mean`, ... on `val_examples`.
+    also carry `val/accuracy`, `val/loss`, `val/margin_mean`, ... on `val_examples`. With `ranks` each rank
+    scores and differentiates its pairs of every batch (see offline_loop); every rank returns the same rows.
     """
     encoded = encode_preference_pairs(tokenizer, examples, max_length=max_length, chat_template=chat_template)
     margins = None
     if margin is not None:
         margins = torch.tensor([margin(e) if callable(margin) else float(margin) for e in examples], dtype=torch.float32)
     parameters = offline_loop.trainable_parameters(model, trainable_parameters)
-    optimiser = offline_loop.Optimiser(parameters, learning_rate, steps, max_grad_norm)
+    optimiser = offline_loop.Optimiser(parameters, learning_rate, steps, max_grad_norm, ranks)
     device, pad_id = next(model.parameters()).device, pad_token_id(tokenizer)
     batches = offline_loop.index_batches(len(encoded), batch_size, seed)
     history = []
     model.train()
     for step in range(1, steps + 1):
-        indices = next(batches)
+        batch = next(batches)
+        indices = offline_loop.rank_share(batch, ranks)
         chosen, rejected = _pair_rewards(model, [encoded[i] for i in indices], pad_id, device)
         batch_margin = margins[indices].to(device) if margins is not None else None
-        loss = bradley_terry_loss(chosen, rejected, margin=batch_margin, center_coef=center_coef)
+        loss = bradley_terry_loss(chosen, rejected, margin=batch_margin, center_coef=center_coef, count=len(batch))
+        loss_total, correct, gap = ranks.sum(torch.stack([
+            loss.detach(), (chosen > rejected).float().sum(), (chosen - rejected).detach().sum()]))
         row = {
-            "step": step, "loss": loss.item(), "accuracy": pairwise_accuracy(chosen, rejected).item(),
-            "margin_mean": (chosen - rejected).mean().item(), "grad_norm": optimiser.step(loss),
+            "step": step, "loss": float(loss_total), "accuracy": float(correct) / len(batch),
+            "margin_mean": float(gap) / len(batch), "grad_norm": optimiser.step(loss),
         }
         if val_examples and (step == steps or (eval_every and step % eval_every == 0)):
             row.update(pair_metrics(*score_pairs(model, tokenizer, val_examples, batch_size=batch_size,
-                                                 max_length=max_length, chat_template=chat_template)))
+                                                 max_length=max_length, chat_template=chat_template, ranks=ranks)))
             model.train()
         history.append(row)
     model.eval()
@@ -189,15 +193,13 @@ def _collate_texts(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
 
 @torch.no_grad()
 def classifier_metrics(model, tokenizer, examples: Sequence[PreferenceExample], *, batch_size: int, max_length: int,
-                       prefix: str = "val/") -> dict[str, float]:
+                       prefix: str = "val/", ranks: Ranks = SINGLE) -> dict[str, float]:
     encoded = _encode_texts(tokenizer, examples, max_length)
     labels = torch.tensor([e.label for e in examples])
     device, pad_id = next(model.parameters()).device, pad_token_id(tokenizer)
     model.eval()
-    logits = torch.cat([
-        model(*(t.to(device) for t in _collate_texts(encoded[start:start + batch_size], pad_id))).float().cpu()
-        for start in range(0, len(encoded), batch_size)
-    ])
+    (logits,) = offline_loop.score_in_shares(
+        lambda chunk: (model(*(t.to(device) for t in _collate_texts(chunk, pad_id))).float(),), encoded, batch_size, ranks)
     return {f"{prefix}accuracy": (logits.argmax(-1) == labels).float().mean().item(),
             f"{prefix}loss": classifier_loss(logits, labels).item()}
 
@@ -216,27 +218,31 @@ def train_reward_classifier(
     eval_every: int = 0,
     max_grad_norm: float = 1.0,
     trainable_parameters=None,
+    ranks: Ranks = SINGLE,
 ) -> list[dict[str, float]]:
     """Cross-entropy training of a classifier RM on labelled texts. Only parameters with requires_grad train,
-    so freezing the backbone beforehand trains the head alone. Rows as `train_reward_model`'s."""
+    so freezing the backbone beforehand trains the head alone. Rows (and `ranks`) as `train_reward_model`'s."""
     encoded = _encode_texts(tokenizer, examples, max_length)
     labels = torch.tensor([e.label for e in examples])
     parameters = offline_loop.trainable_parameters(model, trainable_parameters)
-    optimiser = offline_loop.Optimiser(parameters, learning_rate, steps, max_grad_norm)
+    optimiser = offline_loop.Optimiser(parameters, learning_rate, steps, max_grad_norm, ranks)
     device, pad_id = next(model.parameters()).device, pad_token_id(tokenizer)
     batches = offline_loop.index_batches(len(encoded), batch_size, seed)
     history = []
     model.train()
     for step in range(1, steps + 1):
-        indices = next(batches)
+        batch = next(batches)
+        indices = offline_loop.rank_share(batch, ranks)
         input_ids, attention_mask = _collate_texts([encoded[i] for i in indices], pad_id)
         logits = model(input_ids.to(device), attention_mask.to(device))
         batch_labels = labels[indices].to(device)
-        loss = classifier_loss(logits, batch_labels)
-        row = {"step": step, "loss": loss.item(), "accuracy": (logits.argmax(-1) == batch_labels).float().mean().item(),
+        loss = classifier_loss(logits, batch_labels, count=len(batch))
+        loss_total, correct = ranks.sum(torch.stack([loss.detach(), (logits.argmax(-1) == batch_labels).float().sum()]))
+        row = {"step": step, "loss": float(loss_total), "accuracy": float(correct) / len(batch),
                "grad_norm": optimiser.step(loss)}
         if val_examples and (step == steps or (eval_every and step % eval_every == 0)):
-            row.update(classifier_metrics(model, tokenizer, val_examples, batch_size=batch_size, max_length=max_length))
+            row.update(classifier_metrics(model, tokenizer, val_examples, batch_size=batch_size, max_length=max_length,
+                                          ranks=ranks))
             model.train()
         history.append(row)
     model.eval()

@@ -18,6 +18,7 @@ from raylign.common.prompt_completion import (
     pad_token_id,
 )
 from raylign.learner import offline_loop
+from raylign.learner.data_parallel import SINGLE, Ranks
 
 
 def sft_train(
@@ -127,29 +128,31 @@ def masked_sft_train(
     eval_every: int = 0,
     max_grad_norm: float = 1.0,
     trainable_parameters=None,
+    ranks: Ranks = SINGLE,
 ) -> list[dict[str, float]]:
     """Train on prompt -> chosen with the loss on completion tokens only (token mean over the batch).
 
     Works on a plain or a PEFT model (only parameters with requires_grad train). Returns one metrics row per
     step (`step`, `loss`, `grad_norm`); every `eval_every` steps and at the end, rows also carry
-    `eval/loss` and `eval/perplexity` on `eval_examples`.
+    `eval/loss` and `eval/perplexity` on `eval_examples`. With `ranks` each rank differentiates its rows of
+    every batch (see offline_loop), and every rank returns the same rows.
     """
     encoded = encode_sft_examples(tokenizer, examples, max_length=max_length, chat_template=chat_template)
     parameters = offline_loop.trainable_parameters(model, trainable_parameters)
-    optimiser = offline_loop.Optimiser(parameters, learning_rate, steps, max_grad_norm)
+    optimiser = offline_loop.Optimiser(parameters, learning_rate, steps, max_grad_norm, ranks)
     device = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer)
     batches = offline_loop.index_batches(len(encoded), batch_size, seed)
     history = []
     model.train()
     for step in range(1, steps + 1):
-        batch = collate_prompt_completion([encoded[i] for i in next(batches)], pad_id)
+        batch = collate_prompt_completion([encoded[i] for i in offline_loop.rank_share(next(batches), ranks)], pad_id)
         nll, tokens = completion_token_nll(model, {k: v.to(device) for k, v in batch.items()})
-        loss = nll / tokens.clamp(min=1)
-        row = {"step": step, "loss": loss.item(), "grad_norm": optimiser.step(loss)}
+        loss = nll / ranks.sum(tokens).clamp(min=1)
+        row = {"step": step, "loss": float(ranks.sum(loss.detach())), "grad_norm": optimiser.step(loss)}
         if eval_examples and (step == steps or (eval_every and step % eval_every == 0)):
             row.update(sft_eval(model, tokenizer, eval_examples, batch_size=batch_size, max_length=max_length,
-                                chat_template=chat_template))
+                                chat_template=chat_template, ranks=ranks))
             model.train()
         history.append(row)
     model.eval()
@@ -165,18 +168,27 @@ def sft_eval(
     batch_size: int,
     max_length: int,
     chat_template: bool | None = None,
+    ranks: Ranks = SINGLE,
 ) -> dict[str, float]:
-    """Held-out loss (mean NLL per completion token over the whole set) and its perplexity."""
+    """Held-out loss (mean NLL per completion token over the whole set) and its perplexity; with `ranks`, each
+    rank scores its share of the set."""
     encoded = encode_sft_examples(tokenizer, examples, max_length=max_length, chat_template=chat_template)
     device = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer)
     model.eval()
+
+    def score(chunks):
+        """The summed NLL and the token count of each chunk, one chunk (one forward) at a time."""
+        (chunk,) = chunks
+        nll, tokens = completion_token_nll(model, {k: v.to(device) for k, v in collate_prompt_completion(chunk, pad_id).items()})
+        return nll.reshape(1), tokens.reshape(1)
+
+    # The chunks are fixed before the ranks share them out, so N ranks pad and sum exactly as one does.
+    chunks = [encoded[start:start + batch_size] for start in range(0, len(encoded), batch_size)]
     total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(encoded), batch_size):
-        batch = collate_prompt_completion(encoded[start:start + batch_size], pad_id)
-        nll, tokens = completion_token_nll(model, {k: v.to(device) for k, v in batch.items()})
-        total_nll += nll.item()
-        total_tokens += int(tokens)
+    if chunks:
+        nll, tokens = offline_loop.score_in_shares(score, chunks, 1, ranks)
+        total_nll, total_tokens = float(nll.double().sum()), int(tokens.sum())
     loss = total_nll / max(total_tokens, 1)
     return {"eval/loss": loss, "eval/perplexity": math.exp(loss), "eval/tokens": total_tokens}
 

@@ -1,0 +1,151 @@
+"""The offline stages (SFT, reward model, DPO) on N data-parallel ranks train what one rank trains.
+
+The loops run in-process: two threads, each a rank with its own copy of the model, sum through shared
+memory (`ThreadRanks`), so the test checks the loops' arithmetic without starting Ray; one pipeline stage
+with two learner actors checks the wiring on Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import pytest
+import torch
+
+from raylign.learner import dpo, reward_training, sft
+from raylign.learner.data_parallel import Ranks
+from tests.test_offline_trainers import LastTokenRewardModel, lora_model, sentiment_pairs
+
+# 5 rows do not split evenly over 2 ranks (3 + 2), and the eval sets (7 rows, chunks of 5) neither.
+BATCH, STEPS = 5, 3
+
+
+class ThreadRanks(Ranks):
+    """Rank `rank` of a group of threads in this process; `_reduce` sums (or maxes) through a shared list."""
+
+    def __init__(self, rank: int, world_size: int, slots: list, barrier: threading.Barrier):
+        super().__init__(rank, world_size)
+        self.slots, self.barrier = slots, barrier
+
+    def _reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
+        self.slots[self.rank] = tensor.detach().to(torch.float64).clone()
+        self.barrier.wait()
+        stacked = torch.stack(self.slots)
+        result = stacked.sum(0) if op == "SUM" else stacked.max(0).values
+        self.barrier.wait()  # nobody overwrites a slot before every rank has read them all
+        return result.to(tensor.device, tensor.dtype)
+
+
+def run_ranks(world_size: int, make_model, train) -> list:
+    """`train(model, ranks)` on each of `world_size` thread ranks; every rank's return value, rank order. The
+    models are built first, one after the other: torch's seeded RNG is shared by the threads."""
+    models = [make_model() for _ in range(world_size)]
+    slots, barrier = [None] * world_size, threading.Barrier(world_size, timeout=120)
+    results, errors = [None] * world_size, []
+
+    def body(rank: int) -> None:
+        try:
+            results[rank] = train(models[rank], ThreadRanks(rank, world_size, slots, barrier))
+        except BaseException as error:  # a failed rank would leave the others waiting at the barrier
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=body, args=(rank,)) for rank in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def trained_weights(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same_training(one: list, two: list) -> None:
+    """Both ranks of the 2-rank run hold the 1-rank run's weights and history."""
+    (one_history, one_weights), = one
+    for history, weights in two:
+        assert len(history) == len(one_history) == STEPS
+        for row, expected in zip(history, one_history):
+            assert row.keys() == expected.keys()
+            for key, value in expected.items():
+                assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-5), (row["step"], key)
+        for name, value in one_weights.items():
+            torch.testing.assert_close(weights[name], value, atol=1e-5, rtol=1e-4)
+            assert torch.equal(weights[name], two[0][1][name])  # every rank took the same step
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_each():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_masked_sft_on_two_ranks_trains_the_adapter_and_logs_the_history_of_one(tiny_model_dir, tokenizer):
+    # Completions of different lengths: a mean of the ranks' token means would differ from the batch's.
+    train_rows = [dataclasses.replace(pair, chosen=pair.chosen * (1 + i % 3)) for i, pair in enumerate(sentiment_pairs(11, 0))]
+    eval_rows = sentiment_pairs(7, 1)
+
+    def train(model, ranks):
+        history = sft.masked_sft_train(model, tokenizer, train_rows, steps=STEPS, batch_size=BATCH, learning_rate=3e-3,
+                                       max_length=48, seed=0, eval_examples=eval_rows, eval_every=2, ranks=ranks)
+        return history, trained_weights(model)
+
+    make = lambda: lora_model(tiny_model_dir)  # noqa: E731
+    one, two = run_ranks(1, make, train), run_ranks(2, make, train)
+    assert_same_training(one, two)
+    assert "eval/loss" in one[0][0][1] and "eval/loss" in one[0][0][2]
+
+
+def test_bradley_terry_reward_model_on_two_ranks_trains_the_weights_of_one(tiny_model_dir, tokenizer):
+    train_rows, eval_rows = sentiment_pairs(11, 0), sentiment_pairs(7, 1)
+
+    # Every weight trains, and Adam turns float noise in a near-zero gradient element into a step of up to the
+    # learning rate: a small one keeps such elements within the tolerance (grad_norm checks the gradient itself).
+    def train(model, ranks):
+        history = reward_training.train_reward_model(
+            model, tokenizer, train_rows, steps=STEPS, batch_size=BATCH, learning_rate=2e-4, max_length=48, seed=0,
+            val_examples=eval_rows, margin=lambda e: 0.1 * len(e.chosen), center_coef=0.01, ranks=ranks)
+        return history, trained_weights(model)
+
+    make = lambda: LastTokenRewardModel(tiny_model_dir)  # noqa: E731
+    one, two = run_ranks(1, make, train), run_ranks(2, make, train)
+    assert_same_training(one, two)
+    assert 0 < one[0][0][-1]["val/accuracy"] <= 1
+
+
+def test_dpo_on_two_ranks_trains_the_adapter_and_logs_the_rewards_of_one(tiny_model_dir, tokenizer):
+    train_rows, eval_rows = sentiment_pairs(11, 0), sentiment_pairs(7, 1)
+
+    def train(model, ranks):
+        history = dpo.dpo_train(model, tokenizer, train_rows, steps=STEPS, batch_size=BATCH, learning_rate=3e-3,
+                                max_length=48, seed=0, beta=0.5, val_examples=eval_rows, ranks=ranks)
+        return history, trained_weights(model)
+
+    make = lambda: lora_model(tiny_model_dir)  # noqa: E731
+    one, two = run_ranks(1, make, train), run_ranks(2, make, train)
+    assert_same_training(one, two)
+    # The steps moved the adapter: after the first, the implicit rewards are no longer all zero.
+    assert one[0][0][-1]["rewards/margins"] != 0
+
+
+def test_a_batch_smaller_than_the_group_names_both_fields(tiny_model_dir, tokenizer):
+    def train(model, ranks):
+        return sft.masked_sft_train(model, tokenizer, sentiment_pairs(4, 0), steps=1, batch_size=1,
+                                    learning_rate=1e-3, max_length=48, seed=0, ranks=ranks)
+
+    with pytest.raises(ValueError, match=r"training.batch_size = 1 is smaller than the 2 learners \(resources.num_learners\)"):
+        run_ranks(2, lambda: lora_model(tiny_model_dir), train)
