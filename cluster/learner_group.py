@@ -6,13 +6,10 @@ every rank takes part in each update (see learner/data_parallel.py for why the r
 
 from __future__ import annotations
 
-import uuid
-
 import ray
-from ray.util.placement_group import remove_placement_group
 
 from raylign.cluster.console import actor_log_dir, remote_actor
-from raylign.cluster.placement import worker_placement
+from raylign.cluster.placement import release_ranks, start_ranks
 from raylign.common.config import RunConfig
 from raylign.learner.learner_worker import LearnerWorker
 
@@ -20,16 +17,9 @@ from raylign.learner.learner_worker import LearnerWorker
 class LearnerGroup:
     def __init__(self, config: RunConfig, model_path: str):
         train = config.train
-        self.placement, bundle = worker_placement(train.num_learners, train.num_cpus, train.num_gpus, "STRICT_PACK")
-        actor = remote_actor(LearnerWorker, "learner", actor_log_dir(config))
-        self.actors = [
-            actor.options(num_cpus=train.num_cpus, num_gpus=train.num_gpus, scheduling_strategy=bundle(rank)).remote(
-                model_path, config.model, train, config.algorithm, config.rollout, config.seed)
-            for rank in range(train.num_learners)
-        ]
-        if train.num_learners > 1:
-            group = f"raylign-learners-{uuid.uuid4().hex[:12]}"
-            ray.get([a.join_learner_group.remote(rank, train.num_learners, group) for rank, a in enumerate(self.actors)])
+        self.placement, self.actors = start_ranks(
+            remote_actor(LearnerWorker, "learner", actor_log_dir(config)), train.num_learners, train.num_cpus,
+            train.num_gpus, model_path, config.model, train, config.algorithm, config.rollout, config.seed)
 
     @property
     def leader(self):
@@ -48,9 +38,7 @@ class LearnerGroup:
         """Stop the ranks and free their placement group (once; later calls do nothing)."""
         if self.placement is None:
             return
-        for actor in self.actors:
-            ray.kill(actor)
-        remove_placement_group(self.placement)
+        release_ranks(self.placement, self.actors)
         self.placement = None
 
     def warm_start(self, texts: list[str], sft_config, output_dir: str) -> dict:

@@ -1,7 +1,7 @@
 """`raylign pipeline CONFIG`: named stages in order, on Ray, each stage's artefact feeding the next by path.
 
-Every stage runs in `output_dir/<stage name>/`. Offline stages (sft, reward_model, dpo) run in an
-`OfflineTrainer` actor with the stage's resources; a train stage is an RL run of the driver, once per seed when
+Every stage runs in `output_dir/<stage name>/`. Offline stages (sft, reward_model, dpo) run in
+`resources.num_learners` data-parallel `OfflineTrainer` actors (one STRICT_PACK placement group); a train stage is an RL run of the driver, once per seed when
 it has seeds (`<stage>/seed_<s>/`, every seed on the same SFT and reward-model artefacts); an evaluate stage
 scores models (`cluster.model_evaluation`); a report stage compares train stages across seeds
 (`cluster.report`). A stage whose
@@ -93,8 +93,10 @@ def run_pipeline(config: PipelineConfig, force: bool | Iterable[str] = False) ->
 
 
 def run_stage(stage: Stage, stage_dir: Path, config: PipelineConfig, artefacts: dict[str, str]) -> dict:
-    """One stage with its references resolved: an RL run of the driver, or an OfflineTrainer actor."""
+    """One stage with its references resolved: an RL run of the driver, or a group of OfflineTrainer actors."""
     import ray
+
+    from raylign.cluster.placement import first_failure_or_all, release_ranks, start_ranks
 
     if isinstance(stage, ReportStage):
         return run_report_stage(stage, stage_dir, config)
@@ -110,13 +112,12 @@ def run_stage(stage: Stage, stage_dir: Path, config: PipelineConfig, artefacts: 
 
     resolved = resolve_stage(stage, artefacts)
     resources = resolved.resources
-    trainer = ray.remote(OfflineTrainer).options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus).remote(
-        config.seed, resources.threads, resources.num_gpus > 0
-    )
+    placement, trainers = start_ranks(ray.remote(OfflineTrainer), resources.num_learners, resources.num_cpus,
+                                      resources.num_gpus, config.seed, resources.threads, resources.num_gpus > 0)
     try:
-        return ray.get(getattr(trainer, resolved.kind).remote(resolved, str(stage_dir)))
+        return first_failure_or_all([getattr(t, resolved.kind).remote(resolved, str(stage_dir)) for t in trainers])[0]
     finally:
-        ray.kill(trainer)
+        release_ranks(placement, trainers)
 
 
 def run_train_stage(stage: TrainStage, stage_dir: Path, config: PipelineConfig, artefacts: dict[str, str]) -> dict:
@@ -225,7 +226,7 @@ def stage_cpus(stage: Stage) -> float:
                 + _value(spec, "reward", "num_cpus", RewardConfig) * _value(spec, "reward", "num_workers", RewardConfig)
                 + _value(spec, "scorer", "num_cpus", ScorerConfig))
     if not isinstance(stage, TrainStage):
-        return stage.resources.num_cpus
+        return stage.resources.num_cpus * stage.resources.num_learners
     return (_run_value(stage, "train", "num_cpus", TrainConfig) * _run_value(stage, "train", "num_learners", TrainConfig)
             + _run_value(stage, "rollout", "num_cpus", RolloutConfig) * _run_value(stage, "rollout", "num_workers", RolloutConfig)
             + _run_value(stage, "reward", "num_cpus", RewardConfig) * _run_value(stage, "reward", "num_workers", RewardConfig))
@@ -244,6 +245,14 @@ def check_gpus(stage: Stage) -> None:
                     for section, model in (("train", TrainConfig), ("rollout", RolloutConfig), ("reward", RewardConfig))]
     else:
         requests = [("resources.num_gpus", stage.resources.num_gpus)]
+    if not isinstance(stage, (EvaluateStage, TrainStage)) and stage.resources.num_learners > 1:
+        learners = stage.resources.num_learners
+        if stage.resources.num_gpus * learners > available:
+            raise ConfigError(
+                f"stages.{stage.name}.resources: num_learners = {learners} with num_gpus = {stage.resources.num_gpus:g} "
+                f"each needs {stage.resources.num_gpus * learners:g} GPUs, but the Ray cluster has {available:g}; "
+                f"lower stages.{stage.name}.resources.num_learners"
+            )
     for field, value in requests:
         if value > available:
             raise ConfigError(

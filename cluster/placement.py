@@ -1,6 +1,7 @@
 """Where the run's actors go and how many threads each uses.
 
-Every role has its own placement group: the learners one STRICT_PACK group (cluster/learner_group.py), the
+Every role has its own placement group: the learners one STRICT_PACK group (`start_ranks`: a run's learner
+group in cluster/learner_group.py, an offline pipeline stage's trainers in cluster/pipeline.py), the
 rollout workers one with `cluster.rollout_strategy` (PACK or SPREAD), the reward workers one PACK group; so
 the same config means the same layout on one node and on many. Threads follow `cluster.placement`.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import uuid
 
 from raylign.common.config import RunConfig
 
@@ -49,3 +51,44 @@ def worker_placement(count: int, num_cpus: float, num_gpus: float, strategy: str
     group = placement_group(bundles(count, num_cpus, num_gpus), strategy=strategy)
     ray.get(group.ready())
     return group, lambda index: PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
+
+
+def start_ranks(actor, count: int, num_cpus: float, num_gpus: float, *args) -> tuple:
+    """`count` actors of the remote class `actor`, built from `args`, in one STRICT_PACK placement group and
+    joined as one data-parallel group (each has `join_learner_group(rank, world_size, group_name)`): the
+    placement group, and the actors in rank order. Nothing is left reserved when a rank fails to start."""
+    import ray
+
+    group, bundle = worker_placement(count, num_cpus, num_gpus, "STRICT_PACK")
+    actors = [actor.options(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=bundle(rank)).remote(*args)
+              for rank in range(count)]
+    try:
+        if count > 1:
+            name = f"raylign-learners-{uuid.uuid4().hex[:12]}"
+            ray.get([a.join_learner_group.remote(rank, count, name) for rank, a in enumerate(actors)])
+    except BaseException:
+        release_ranks(group, actors)
+        raise
+    return group, actors
+
+
+def release_ranks(group, actors: list) -> None:
+    """Stop the actors and free their placement group."""
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    for actor in actors:
+        ray.kill(actor)
+    remove_placement_group(group)
+
+
+def first_failure_or_all(refs: list) -> list:
+    """Every result of refs from the ranks of one group; the first failure is raised as soon as it happens,
+    since the other ranks would wait for the failed one in their next collective forever."""
+    import ray
+
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done)
+    return ray.get(refs)

@@ -143,9 +143,18 @@ class OfflineTrainingConfig(Section):
 
 
 class ResourcesConfig(Section):
-    num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for the stage's actor.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs for the stage's actor; training runs on the GPU when > 0.")
-    threads: int = Field(1, ge=1, description="CPU threads torch uses in the actor.")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for each of the stage's actors.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs for each of the stage's actors; training runs on the GPU when > 0.")
+    threads: int = Field(1, ge=1, description="CPU threads torch uses in each actor.")
+    num_learners: int = Field(
+        1, ge=1,
+        description=(
+            "Data-parallel trainer actors (ranks), each with num_cpus, num_gpus and threads, in one STRICT_PACK "
+            "placement group: each rank scores and differentiates its share of every batch, the gradients are summed "
+            "and every rank takes the same step, so N ranks train what one would; rank 0 writes the artefact. "
+            "training.batch_size must be at least num_learners."
+        ),
+    )
 
 
 # ----- stages -----
@@ -156,11 +165,17 @@ class _OfflineStage(Section):
     model: StageModelConfig = Field(..., description="The model to train.")
     data: StageDataConfig = Field(..., description="Training and validation data.")
     training: OfflineTrainingConfig = Field(default_factory=OfflineTrainingConfig, description="Optimisation.")
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Ray resources of the stage's actor.")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Ray resources of the stage's actors.")
 
     @model_validator(mode="after")
     def _sections_fit(self) -> "_OfflineStage":
         where = f"stages.{self.name}"
+        if self.training.batch_size < self.resources.num_learners:
+            raise ValueError(
+                f"{where}.resources.num_learners = {self.resources.num_learners} is more than training.batch_size = "
+                f"{self.training.batch_size}: every learner needs a row of each batch; raise {where}.training.batch_size "
+                f"or lower {where}.resources.num_learners"
+            )
         if not has_reference(self.model.path):
             check_model_path(self.model.path, field=f"{where}.model.path")
             check_has_tokenizer(self.model.path, field=f"{where}.model.path")

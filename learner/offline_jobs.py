@@ -1,6 +1,7 @@
 """The offline stages of a pipeline: SFT, reward-model training and DPO, from a stage config to files on disk.
 
-`OfflineTrainer` is a plain class; the pipeline runs it as a Ray actor (one per stage, like `LearnerWorker`).
+`OfflineTrainer` is a plain class; the pipeline runs it as Ray actors (`resources.num_learners` data-parallel
+ranks per stage, like `LearnerWorker`): every rank trains its share of each batch, rank 0 alone writes files.
 Each method writes into `output_dir`, which is itself the stage's artefact:
 
 - sft: the fine-tuned causal LM (LoRA merged into the weights; the adapter alone under `adapter/`);
@@ -42,8 +43,9 @@ from raylign.common.reward_models import (
     SequenceClassificationRewardModel,
     load_reward_model,
 )
-from raylign.common.tiny_model import resolve_builtin_model
+from raylign.common.tiny_model import family_of, resolve_builtin_model
 from raylign.learner import dpo, reward_training, sft
+from raylign.learner.data_parallel import SINGLE, Ranks
 
 RESULTS = "results.json"
 MISTAKES = "reward_model_mistakes.jsonl"
@@ -56,12 +58,22 @@ class OfflineTrainer:
         torch.set_num_threads(threads)
         self.seed = seed
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.ranks = SINGLE
+
+    def join_learner_group(self, rank: int, world_size: int, group_name: str) -> int:
+        """Become rank `rank` of the stage's data-parallel group (every rank calls this before training)."""
+        self.ranks = Ranks.join(rank, world_size, group_name)
+        return rank
+
+    @property
+    def leader(self) -> bool:
+        return self.ranks.rank == 0
 
     # ----- stages -----
 
     def sft(self, stage: SftStage, output_dir: str) -> dict:
         """Prompt-masked SFT (full parameters, LoRA or QLoRA); eval loss and perplexity before and after."""
-        start, out = time.perf_counter(), _prepare(output_dir, stage)
+        start, out = time.perf_counter(), self._prepare(output_dir, stage)
         base = self._base_model(stage.model.path, out)
         tokenizer = _tokenizer(base, stage)
         train, held_out = self._splits(stage, out)
@@ -72,12 +84,14 @@ class OfflineTrainer:
         check_stage_chat_template(stage, tokenizer, train + held_out, chat_template)
         model = self._causal_lm(base, stage)
         options = {"batch_size": stage.training.batch_size, "max_length": stage.training.max_length, "chat_template": chat_template}
-        before = sft.sft_eval(model, tokenizer, held_out, **options) if held_out else {}
+        before = sft.sft_eval(model, tokenizer, held_out, ranks=self.ranks, **options) if held_out else {}
         history = sft.masked_sft_train(
             model, tokenizer, train, steps=stage.training.steps, learning_rate=stage.training.learning_rate,
             seed=self.seed, eval_examples=held_out, eval_every=stage.training.eval_every,
-            max_grad_norm=stage.training.max_grad_norm, **options,
+            max_grad_norm=stage.training.max_grad_norm, ranks=self.ranks, **options,
         )
+        if not self.leader:
+            return {"rank": self.ranks.rank}
         if stage.model.lora is not None:
             model.save_pretrained(out / "adapter")
             model = self._merged(model, base, stage.model, out / "adapter")
@@ -94,7 +108,7 @@ class OfflineTrainer:
 
     def reward_model(self, stage: RewardModelStage, output_dir: str) -> dict:
         """Bradley-Terry (scalar, seqcls) or classifier training; validation accuracy and the mistakes file."""
-        start, out = time.perf_counter(), _prepare(output_dir, stage)
+        start, out = time.perf_counter(), self._prepare(output_dir, stage)
         base = self._base_model(stage.model.path, out)
         check_has_tokenizer(base, f"stages.{stage.name}.model.path")
         train, held_out = self._splits(stage, out)
@@ -103,9 +117,11 @@ class OfflineTrainer:
         tokenizer, t = model.tokenizer, stage.training
         options = {"batch_size": t.batch_size, "max_length": t.max_length}
         common = {"steps": t.steps, "learning_rate": t.learning_rate, "seed": self.seed, "val_examples": held_out,
-                  "eval_every": t.eval_every, "max_grad_norm": t.max_grad_norm, **options}
+                  "eval_every": t.eval_every, "max_grad_norm": t.max_grad_norm, "ranks": self.ranks, **options}
         if stage.type == "classifier":
             history = reward_training.train_reward_classifier(model, tokenizer, train, **common)
+            if not self.leader:
+                return {"rank": self.ranks.rank}
             validation = reward_training.classifier_metrics(model, tokenizer, held_out, **options) if held_out else {}
             mistakes = write_classifier_mistakes(out / MISTAKES, model, held_out, t.batch_size)
         else:
@@ -115,6 +131,8 @@ class OfflineTrainer:
                 model, tokenizer, train, margin=margin_function(stage), center_coef=stage.center_coef,
                 chat_template=chat_template, **common,
             )
+            if not self.leader:
+                return {"rank": self.ranks.rank}
             validation, mistakes = {}, 0
             if held_out:
                 chosen, rejected = reward_training.score_pairs(model, tokenizer, held_out, chat_template=chat_template, **options)
@@ -133,7 +151,7 @@ class OfflineTrainer:
 
     def dpo(self, stage: DpoStage, output_dir: str) -> dict:
         """DPO (or IPO) on a LoRA adapter; the reference is the base model with the adapter disabled."""
-        start, out = time.perf_counter(), _prepare(output_dir, stage)
+        start, out = time.perf_counter(), self._prepare(output_dir, stage)
         base = self._base_model(stage.model.path, out)
         tokenizer = _tokenizer(base, stage)
         train, held_out = self._splits(stage, out)
@@ -145,8 +163,10 @@ class OfflineTrainer:
             model, tokenizer, train, steps=t.steps, batch_size=t.batch_size, learning_rate=t.learning_rate,
             max_length=t.max_length, seed=self.seed, beta=stage.beta, loss_type=stage.loss_type,
             val_examples=held_out, eval_every=t.eval_every, chat_template=stage.model.chat_template,
-            max_grad_norm=t.max_grad_norm,
+            max_grad_norm=t.max_grad_norm, ranks=self.ranks,
         )
+        if not self.leader:
+            return {"rank": self.ranks.rank}
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         window = max(1, len(history) // 10)
@@ -162,16 +182,30 @@ class OfflineTrainer:
 
     # ----- helpers -----
 
+    def _prepare(self, output_dir: str, stage: OfflineStage) -> Path:
+        out = Path(output_dir)
+        if self.leader:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "stage.yaml").write_text(yaml.safe_dump(stage.model_dump(mode="json"), sort_keys=False))
+        return out
+
     def _base_model(self, path: str, out: Path) -> str:
-        """A built-in tiny model is built into the stage directory; other paths pass through."""
-        return resolve_builtin_model(path, out / "base_model", self.seed)
+        """A built-in tiny model is built into the stage directory (by rank 0; the others wait for it and read
+        it there); other paths pass through."""
+        if family_of(path) is None:
+            return path
+        if self.leader:
+            resolve_builtin_model(path, out / "base_model", self.seed)
+        self.ranks.barrier()
+        return str(out / "base_model")
 
     def _splits(self, stage: OfflineStage, out: Path) -> tuple[list[PreferenceExample], list[PreferenceExample]]:
         """The stage's train and validation rows, and prompts.jsonl with the prompts of every split."""
         data, where = stage.data, f"stages.{stage.name}.data"
         examples, test = load_stage_test_split(stage, load_stage_examples(stage))
         splits = split_by_prompt(examples, data.fractions, fixed=None if test is None else {"test": test})
-        write_split_prompts(out / "prompts.jsonl", splits)
+        if self.leader:
+            write_split_prompts(out / "prompts.jsonl", splits)
         train = splits[data.train_split]
         if not train:
             raise ValueError(
@@ -404,13 +438,6 @@ def check_stage_chat_template(stage: OfflineStage, tokenizer, rows: list[Prefere
     """The stage's conversations render with the tokenizer's chat template, before any training starts."""
     check_chat_template(tokenizer, (row.prompt_messages() + [{"role": "assistant", "content": "."}] for row in rows),
                         chat_template, f"stages.{stage.name}.model.chat_template")
-
-
-def _prepare(output_dir: str, stage: OfflineStage) -> Path:
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "stage.yaml").write_text(yaml.safe_dump(stage.model_dump(mode="json"), sort_keys=False))
-    return out
 
 
 def _mean(values) -> float:

@@ -8,6 +8,7 @@ with two learner actors checks the wiring on Ray.
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 
 import pytest
@@ -149,3 +150,52 @@ def test_a_batch_smaller_than_the_group_names_both_fields(tiny_model_dir, tokeni
 
     with pytest.raises(ValueError, match=r"training.batch_size = 1 is smaller than the 2 learners \(resources.num_learners\)"):
         run_ranks(2, lambda: lora_model(tiny_model_dir), train)
+
+
+DPO_STAGE = """
+    output_dir: {out}
+    stages:
+      - name: dpo
+        kind: dpo
+        model: {{path: "builtin:tiny-llama", lora: {{r: 4, alpha: 8}}}}
+        data: {{source: "builtin:movie-preferences", max_rows: 40, max_eval_rows: 7}}
+        training: {{steps: 2, batch_size: 5, learning_rate: 5.0e-3, max_length: 32}}
+        resources: {{num_learners: {learners}}}
+"""
+
+
+@pytest.mark.slow
+def test_a_dpo_stage_on_two_learner_actors_writes_the_adapter_and_metrics_of_one_trainer(ray_session, tmp_path):
+    from safetensors.torch import load_file
+
+    from raylign.cluster.pipeline import run_pipeline
+    from raylign.common.pipeline_config import load_pipeline_config
+    from raylign.learner.offline_jobs import OfflineTrainer
+
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(DPO_STAGE.format(out=tmp_path / "out", learners=2))
+    config = load_pipeline_config(path)
+    summary = run_pipeline(config)
+    assert [row["status"] for row in summary["stages"]] == ["done"]
+    # The one-rank reference runs the same stage in this process (no actors to start).
+    OfflineTrainer(config.seed).dpo(config.stages[0], str(tmp_path / "one"))
+    stages = {"one": tmp_path / "one", "two": tmp_path / "out" / "dpo"}
+    metrics = {name: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for name, d in stages.items()}
+    adapters = {name: load_file(d / "adapter_model.safetensors") for name, d in stages.items()}
+    assert len(metrics["two"]) == 2 and "eval/loss" in metrics["two"][-1]
+    for row, expected in zip(metrics["two"], metrics["one"], strict=True):
+        for key, value in expected.items():
+            assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
+    for name, value in adapters["one"].items():
+        torch.testing.assert_close(adapters["two"][name], value, atol=1e-5, rtol=1e-4)
+    assert json.loads((stages["two"] / "results.json").read_text())["rewards/margins"] != 0
+
+
+def test_more_learners_than_rows_per_batch_is_refused_naming_the_fields(tmp_path):
+    from raylign.common.config import ConfigError
+    from raylign.common.pipeline_config import load_pipeline_config
+
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(DPO_STAGE.format(out=tmp_path / "out", learners=6))
+    with pytest.raises(ConfigError, match=r"stages.dpo.resources.num_learners = 6 is more than training.batch_size = 5"):
+        load_pipeline_config(path)
