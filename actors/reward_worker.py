@@ -48,6 +48,8 @@ class RewardWorker:
             for source, (field, name_field) in zip(sources, source_locations(config))
         ]
         self.normalizer = RunningNormalizer(config.ema_momentum) if config.normalize == "running" else None
+        # Ray re-runs __init__ when it restarts this actor; the next result says so, once (reward/restarts).
+        self.unreported_restart = restarted_by_ray()
 
     def score(self, samples: list[Sample]) -> list[float]:
         """Rewards for all samples, or `RewardError` naming the first invalid sample and its cause."""
@@ -69,10 +71,12 @@ class RewardWorker:
             result = self._score(samples)
         except Exception as exc:  # a failure outside any source must not kill the run either
             result = _all_invalid(samples, [source.label for source in self.sources], WORKER_SOURCE, exc)
+        self._report_restart(result)
         return self.normalize(result, normalizer_state) if normalize else result
 
     def normalize(self, result: RewardResult, normalizer_state: dict | None = None) -> RewardResult:
         """Apply the running normalisation (normalize: running) to `raw_rewards`; a no-op for 'none'."""
+        self._report_restart(result)
         if self.normalizer is None:
             result.rewards = list(result.raw_rewards)
             return result
@@ -83,6 +87,10 @@ class RewardWorker:
         result.stats["reward/running_std"] = self.normalizer.std
         result.normalizer_state = self.normalizer.state_dict()
         return result
+
+    def _report_restart(self, result: RewardResult) -> None:
+        result.restarts += self.unreported_restart
+        self.unreported_restart = False
 
     def normalizer_state(self) -> dict | None:
         """The running statistics, for checkpoints (None when normalisation is off)."""
@@ -131,6 +139,15 @@ def source_locations(config: RewardConfig) -> list[tuple[str, str | None]]:
     if config.sources:
         return [(f"reward.sources[{i}]", None) for i in range(len(config.sources))]
     return [("reward", "reward.function")]
+
+
+def restarted_by_ray() -> bool:
+    """Whether this process is a Ray actor that Ray has restarted (False outside an actor)."""
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return False
+    return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
 def check_invalid_fraction(result: RewardResult, max_invalid_fraction: float, step: int) -> None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
-import time
 
 from raylign.common.types import AdapterUpdate, MergedWeightsUpdate, PromptItem, Sample, SamplingSettings
+
+
+class NoPolicyError(RuntimeError):
+    """`generate` on an actor that holds no policy: never published to, or restarted by Ray since."""
 
 
 class RolloutWorker:
@@ -54,15 +57,15 @@ class RolloutWorker:
             raise ValueError(f"rollout.backend = '{backend}' is not supported; use 'vllm' or 'hf'")
         self.policy_version: int | None = None
 
-    def load_update(self, update: AdapterUpdate | MergedWeightsUpdate) -> float:
-        """Install a published policy version (adapter or merged weights); returns the seconds it took."""
-        start = time.perf_counter()
+    def load_update(self, update: AdapterUpdate | MergedWeightsUpdate) -> int | None:
+        """Install a published policy version (adapter or merged weights); returns the version held before,
+        None in a fresh process (so the pool sees that Ray restarted this actor since its last publish)."""
         if isinstance(update, MergedWeightsUpdate):
             self.engine.load_merged_weights(update)
         else:
             self.engine.load_adapter(update)
-        self.policy_version = update.version
-        return time.perf_counter() - start
+        previous, self.policy_version = self.policy_version, update.version
+        return previous
 
     def use_base_model(self, version: int = 0) -> None:
         """Sample from the model as loaded, without an adapter (evaluating a base or SFT model itself)."""
@@ -75,7 +78,7 @@ class RolloutWorker:
 
     def generate(self, prompts: list[PromptItem], settings: SamplingSettings) -> list[Sample]:
         if self.policy_version is None:
-            raise RuntimeError("generate called before any adapter was loaded; the driver must publish version 0 first")
+            raise NoPolicyError("generate called before any adapter was loaded; the driver must publish version 0 first")
         samples = []
         for prompt, completions in zip(prompts, self.engine.generate(prompts, settings), strict=True):
             for sample_index, completion in enumerate(completions):

@@ -150,7 +150,7 @@ def run_training(inputs: RunInputs, output_dir: Path, releases: list) -> dict:
             # GRADE generates inside the learner (it needs gradients through generation);
             # its hard samples are scored below exactly like every other method's.
             prompts = sampler.next_batch(config.train.prompts_per_step, step)
-            samples, learner_metrics = ray.get(learners.leader.grade_step.remote(prompts, step))
+            samples, learner_metrics = learners.grade_step(prompts, step)
             scored, _ = score(rewards, samples, config, logger, step)
             batch = RolloutBatch(step, samples, [i for i, s in enumerate(samples) if s.reward is not None],
                                  scored.metrics(), sum(prompt.truncated for prompt in prompts), {})
@@ -205,38 +205,38 @@ def run_training(inputs: RunInputs, output_dir: Path, releases: list) -> dict:
                     measure_gradient_variance(config, learners.leader, rollouts, rewards, probe_sampler, step, output_dir)
                     timer.lap("grad_variance")
                 batch, learner_metrics = train_step(step, timer)
+                valid = batch.valid_samples
+                learner_seconds = learner_metrics.pop("learn_seconds")
+                metrics = {
+                    "step": step,
+                    "reward_mean": statistics.fmean(s.reward for s in valid),
+                    "reward_std": statistics.pstdev(s.reward for s in valid),
+                    **batch.reward_metrics,
+                    **learner_metrics,
+                    "time/learner_compute_s": learner_seconds,
+                    "rollout/restarts": rollouts.restarts,
+                    "reward/restarts": rewards.restarts,
+                    "learner/restarts": learner_restarts,
+                    "rollout/staleness": learner_metrics["policy_version"] - 1 - min(s.policy_version for s in batch.samples),
+                    "data/truncated_prompts": batch.truncated_prompts,
+                }
+                if evaluator.validation_due(step):
+                    metrics.update(evaluator.validate(step, rollouts.current_update))
+                    timer.lap("eval")
+                metrics.update({key: value for key, value in timer.metrics().items() if key != "time/wait_s"})
+                history.append(metrics)
+                logger.log_metrics(metrics)
+                logger.log_samples(step, batch.samples, config.logging.samples_per_step)
+                if config.train.checkpoint_every and (step + 1) % config.train.checkpoint_every == 0:
+                    checkpoint(learners, rewards, output_dir, step, sampler, probe_sampler, evaluator, ahead)
             except ray.exceptions.RayActorError as error:
+                # A learner that dies in this step's update, evaluation or checkpoint: redo from the last one.
                 if learner_restarts >= config.train.max_learner_restarts or learners.alive():
                     raise
                 learner_restarts += 1
                 step = restart_learners(error)
                 bar.rewind(step)
                 continue
-
-            valid = batch.valid_samples
-            learner_seconds = learner_metrics.pop("learn_seconds")
-            metrics = {
-                "step": step,
-                "reward_mean": statistics.fmean(s.reward for s in valid),
-                "reward_std": statistics.pstdev(s.reward for s in valid),
-                **batch.reward_metrics,
-                **learner_metrics,
-                "time/learner_compute_s": learner_seconds,
-                "rollout/restarts": rollouts.restarts,
-                "reward/restarts": rewards.restarts,
-                "learner/restarts": learner_restarts,
-                "rollout/staleness": learner_metrics["policy_version"] - 1 - min(s.policy_version for s in batch.samples),
-                "data/truncated_prompts": batch.truncated_prompts,
-            }
-            if evaluator.validation_due(step):
-                metrics.update(evaluator.validate(step, rollouts.current_update))
-                timer.lap("eval")
-            metrics.update({key: value for key, value in timer.metrics().items() if key != "time/wait_s"})
-            history.append(metrics)
-            logger.log_metrics(metrics)
-            logger.log_samples(step, batch.samples, config.logging.samples_per_step)
-            if config.train.checkpoint_every and (step + 1) % config.train.checkpoint_every == 0:
-                checkpoint(learners, rewards, output_dir, step, sampler, probe_sampler, evaluator, ahead)
             bar.advance(metrics)
             step += 1
         final_checkpoint = checkpoint(learners, rewards, output_dir, config.train.steps - 1, sampler, probe_sampler,

@@ -21,7 +21,8 @@ class RewardPool:
     def __init__(self, config: RewardConfig, log_dir: str | None = None):
         """`log_dir`: where the actors write their output (cluster/console.py); None leaves it to Ray."""
         # A crashed actor is restarted by Ray and the batch scored again. The running statistics live
-        # here and travel with every call, so a restarted actor starts from the right state.
+        # here and travel with every call, so a restarted actor starts from the right state. A restarted
+        # actor says so in its next result, so `restarts` also counts one killed between calls.
         self.placement, bundle = worker_placement(config.num_workers, config.num_cpus, config.num_gpus, "PACK")
         actor = remote_actor(RewardWorker, "reward", log_dir)
         self.workers = [actor.options(num_cpus=config.num_cpus, num_gpus=config.num_gpus, max_restarts=config.max_restarts,
@@ -43,9 +44,9 @@ class RewardPool:
         try:
             result = self._score(samples, normalize)
         except ray.exceptions.RayActorError as error:
-            self.restarts += 1
             self._recover(error)
             result = self._score(samples, normalize)
+        self.restarts += result.restarts
         if normalize:
             self.normalizer_state = result.normalizer_state
         return result

@@ -7,7 +7,7 @@ import time
 
 import ray
 
-from raylign.actors.rollout_worker import RolloutWorker
+from raylign.actors.rollout_worker import NoPolicyError, RolloutWorker
 from raylign.cluster.console import actor_log_dir, remote_actor
 from raylign.cluster.placement import worker_placement
 from raylign.cluster.ray_setup import wait_for_restart
@@ -79,7 +79,10 @@ class RolloutPool:
             index, worker = pending.pop(done)
             try:
                 results[index] = ray.get(done)
-            except ray.exceptions.RayActorError as error:
+            except (ray.exceptions.RayActorError, NoPolicyError) as error:
+                # Killed while generating, or restarted by Ray since the last publish (so it holds no policy).
+                if self.current_update is None:
+                    raise
                 self._recover(worker, error)
                 pending[worker.generate.remote(items[index], settings)] = (index, worker)
                 continue
@@ -94,8 +97,23 @@ class RolloutPool:
         wait_for_restart(lambda: worker.load_update.remote(self.current_update), error, "a rollout actor", "rollout.max_restarts")
 
     def publish(self, update_ref: ray.ObjectRef) -> float:
-        """Every actor loads the same object-store copy; returns seconds until all are ready."""
+        """Every actor loads the same object-store copy; returns seconds until all are ready.
+
+        An actor that held no policy before this load was restarted by Ray since the last publish (killed
+        between calls) and counts as a restart; one that dies while loading is waited for and loaded again.
+        """
+        published_before = self.current_update is not None
         self.current_update = update_ref
         start = time.perf_counter()
-        ray.get([w.load_update.remote(update_ref) for w in self.workers])
+        loads = [(worker, worker.load_update.remote(update_ref)) for worker in self.workers]
+        for worker, load in loads:
+            try:
+                previous = ray.get(load)
+            except ray.exceptions.RayActorError as error:
+                if error.actor_id != worker._actor_id.hex():
+                    raise  # the update itself is lost (the learner that made it died): the driver's to handle
+                self._recover(worker, error)
+                continue
+            if previous is None and published_before:
+                self.restarts += 1
         return time.perf_counter() - start

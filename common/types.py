@@ -86,6 +86,7 @@ class RewardResult:
     raw_rewards: list[float | None] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
     normalizer_state: dict | None = None  # running statistics after this batch (normalize: running)
+    restarts: int = 0  # reward actors Ray restarted since their previous result, each reported once
 
     @property
     def invalid_indices(self) -> list[int]:
@@ -128,6 +129,7 @@ class RewardResult:
                 merged.components[label].extend(part.components.get(label, [None] * len(part.rewards)))
             merged.rewards.extend(part.rewards)
             merged.raw_rewards.extend(part.raw_rewards)
+            merged.restarts += part.restarts
             for key, value in part.stats.items():
                 if key.startswith("time/"):
                     merged.stats[key] = max(merged.stats.get(key, 0.0), value)
