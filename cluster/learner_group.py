@@ -65,6 +65,11 @@ class LearnerGroup:
     def train_step(self, samples, rewards: list[float], group_sizes: list[int]) -> dict:
         return self.finish(self.start_train_step(samples, rewards, group_sizes))
 
+    def grade_step(self, prompts, step: int) -> tuple[list, dict]:
+        """One GRADE update on every rank: the samples of all ranks (in batch order) and rank 0's metrics."""
+        results = ray.get([actor.grade_step.remote(prompts, step) for actor in self.actors])
+        return [sample for samples, _ in results for sample in samples], results[0][1]
+
     def save_checkpoint(self, directory: str, driver_state: dict) -> str:
         return ray.get(self.leader.save_checkpoint.remote(directory, driver_state))
 

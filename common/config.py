@@ -607,11 +607,6 @@ class RunConfig(Section):
                 "(gradient of KL(ref || pi)) or k2 (gradient of KL(pi || ref)), or algorithm.kl_placement=reward"
             )
         samples = self.train.prompts_per_step * self.rollout.samples_per_prompt
-        if self.train.num_learners > 1 and self.algorithm.is_differentiable:
-            raise ValueError(
-                f"train.num_learners = {self.train.num_learners} with {self.algorithm.name}: GRADE generates inside "
-                "one learner and has no data-parallel split yet; set train.num_learners=1"
-            )
         if samples < self.train.num_learners:
             raise ValueError(
                 f"train.num_learners = {self.train.num_learners} exceeds the {samples} samples per step; every learner "

@@ -24,6 +24,7 @@ method), steps-to-threshold for sample efficiency, and peak memory for reports.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import resource
 import statistics
@@ -51,6 +52,29 @@ def gumbel_noise(shape: Sequence[int], *, generator: torch.Generator | None = No
     source = generator.device if generator is not None else device
     noise = -torch.empty(tuple(shape), device=source, dtype=dtype).exponential_(generator=generator).log()
     return noise.to(device) if device is not None else noise
+
+
+class RowNoise:
+    """Gumbel noise drawn per row: row r's noise at step t comes from a generator seeded by (key, r, t) alone
+    (`key`: ints and strings, e.g. ("train", seed, step); hashed by value, so every process draws the same).
+
+    `rows` are the rows' indices in the whole batch, so a row is relaxed with the same noise whichever rows
+    share its batch: data-parallel ranks, each relaxing its share of the prompts, together draw exactly the
+    noise one learner draws for all of them; and a second pass over the same rows (the backprop window's)
+    draws it again. Each step's noise is drawn when the step runs, never [B, T, V] at once."""
+
+    def __init__(self, key: Sequence[int | str], rows: Sequence[int], steps: int, vocab: int, device=None):
+        self.key, self.rows, self.device = tuple(key), [int(r) for r in rows], device
+        self.shape = (len(self.rows), steps, vocab)
+
+    def at(self, step: int) -> Tensor:
+        """The noise of step `step`, [rows, vocab]."""
+        return torch.stack([gumbel_noise((self.shape[2],), generator=torch.Generator().manual_seed(self._seed(row, step)))
+                            for row in self.rows]).to(self.device)
+
+    def _seed(self, row: int, step: int) -> int:
+        digest = hashlib.blake2b(repr((*self.key, row, step)).encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") >> 1
 
 
 def restrict_top_k(logits: Tensor, top_k: int | None) -> Tensor:
@@ -257,7 +281,7 @@ def relaxed_generate(
     eos_token_id: int | None = None,
     min_new_tokens: int = 0,
     generator: torch.Generator | None = None,
-    noise: Tensor | None = None,
+    noise: Tensor | RowNoise | None = None,
 ) -> RelaxedGeneration:
     """Autoregressive Gumbel-softmax generation from left-padded prompts, differentiable w.r.t. the policy.
 
@@ -279,7 +303,8 @@ def relaxed_generate(
       `torch.utils.checkpoint` and is recomputed in backward, so memory holds the K/V slices and logits
       per step instead of every layer's activations. transformers' own `gradient_checkpointing_enable()`
       is refused: it turns the cache off, which this loop needs.
-    - `noise` [B, max_new_tokens, V]: Gumbel noise to use instead of drawing it with `generator`.
+    - `noise` [B, max_new_tokens, V]: Gumbel noise to use instead of drawing it with `generator`, or a
+      `RowNoise` that draws each row's.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens = {max_new_tokens}: generate at least one token")
@@ -317,7 +342,7 @@ def relaxed_generate(
 def _relaxed_generate(policy, reference: Reference, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int,
                       tau: float, straight_through: bool, top_k: int | None, gradient_checkpointing: bool,
                       eos_token_id: int | None, min_new_tokens: int, generator: torch.Generator | None,
-                      noise: Tensor | None, window_starts: Tensor | None) -> RelaxedGeneration:
+                      noise: Tensor | RowNoise | None, window_starts: Tensor | None) -> RelaxedGeneration:
     """The generation loop of `relaxed_generate`; `window_starts` [B]: the first step of each row that
     carries gradient (None: every step)."""
     policy_embedding = policy.get_input_embeddings()
@@ -354,7 +379,7 @@ def _relaxed_generate(policy, reference: Reference, prompt_ids: Tensor, prompt_m
                     -1, torch.tensor([eos_token_id], device=logits.device), float("-inf"))
             kls.append(exact_kl(logits, reference_logits))
             y, _, y_hard = gumbel_softmax_sample(
-                logits, tau, noise=None if noise is None else noise[:, t], straight_through=straight_through,
+                logits, tau, noise=_noise_at(noise, t), straight_through=straight_through,
                 top_k=top_k, generator=generator,
             )
         ys.append(y.unsqueeze(1))
@@ -377,6 +402,12 @@ def _relaxed_generate(policy, reference: Reference, prompt_ids: Tensor, prompt_m
     )
 
 
+def _noise_at(noise: Tensor | RowNoise | None, step: int) -> Tensor | None:
+    if noise is None:
+        return None
+    return noise.at(step) if isinstance(noise, RowNoise) else noise[:, step]
+
+
 # ----- the loss -----
 
 
@@ -389,22 +420,33 @@ def grade_loss(
     aggregation: str = "token_mean",
     max_new_tokens: int | None = None,
     tau: float | None = None,
+    normaliser: alg.Normaliser | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """loss = -mean(reward) + beta * KL, with the per-token KL [B, T] reduced over `mask` by
     `algorithms.aggregate_loss` ("token_mean" by default; "constant" with max_new_tokens=1 gives the
-    per-sequence sum averaged over the batch). `reward` [B] is the soft reward the gradient follows."""
-    kl_term = alg.aggregate_loss(kl, mask, aggregation, constant=max_new_tokens)
-    loss = -reward.mean() + beta * kl_term
+    per-sequence sum averaged over the batch). `reward` [B] is the soft reward the gradient follows.
+
+    With `normaliser` (the whole batch's counts, when these rows are one rank's share of it) every mean is a
+    sum over these rows divided by the batch's count, so the loss and the stats in SHARE_STATS of the ranks
+    add up to the batch's."""
+    normaliser = normaliser or alg.Normaliser.of(mask)
+    sequences = max(normaliser.sequences, 1)
+    kl_term = alg.aggregate_loss(kl, mask, aggregation, constant=max_new_tokens, normaliser=normaliser)
+    loss = -reward.sum() / sequences + beta * kl_term
     stats = {
         "loss": float(loss.detach()),
-        "reward_soft": float(reward.detach().mean()),
-        "kl": float(alg.masked_mean(kl.detach(), mask)),
-        "kl_sequence": float(alg.masked_sum(kl.detach(), mask, dim=-1).mean()),
+        "reward_soft": float(reward.detach().sum()) / sequences,
+        "kl": float(alg.masked_sum(kl.detach(), mask)) / max(normaliser.tokens, 1.0),
+        "kl_sequence": float(alg.masked_sum(kl.detach(), mask)) / sequences,
         "kl_coef": float(beta),
     }
     if tau is not None:
         stats["tau"] = float(tau)
     return loss, stats
+
+
+SHARE_STATS = ("loss", "reward_soft", "kl", "kl_sequence")
+"""The stats of `grade_loss` that are shares of the batch's (summed over data-parallel ranks)."""
 
 
 # ----- measurement -----

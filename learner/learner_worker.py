@@ -287,10 +287,8 @@ class LearnerWorker:
 
         def gradient_of_batch(index: int) -> None:
             if self.algorithm.is_differentiable:
-                # Probes draw their own noise, so measuring leaves the training RNG (and training) unchanged.
-                probe_noise = torch.Generator(device=self.shuffle_rng.device).manual_seed(
-                    self.seed * 1_000_003 + step * 1_009 + index)
-                loss = self._grade_loss(batches[index], step, probe_noise)[0]
+                # Probes draw their own noise (and run on rank 0 alone: the driver asks it only).
+                loss = self._grade_loss(batches[index], step, ("probe", self.seed, step, index), SINGLE)[0]
             else:
                 samples, rewards, group_sizes = batches[index]
                 # Measured on one rank over the whole batch (the driver asks rank 0 only).
@@ -314,64 +312,79 @@ class LearnerWorker:
 
         Returns the hard samples the relaxation stands for (decoded text, to be
         scored by the reward actor like every other method's) and the metrics.
+        In a learner group every rank relaxes its share of the rows (K per prompt)
+        and returns their samples; the loss is normalised over the whole batch, the
+        gradients are summed and the metrics are the batch's on every rank.
         """
-        from raylign.learner.grade import peak_memory_bytes
+        from raylign.learner.grade import SHARE_STATS, peak_memory_bytes
 
-        start = time.perf_counter()
-        loss, stats, generation, rows = self._grade_loss(prompts, step, self.shuffle_rng)
+        start, ranks = time.perf_counter(), self.ranks
+        loss, stats, generation, rows = self._grade_loss(prompts, step, ("train", self.seed, step), ranks)
         loss.backward()
+        ranks.sum_gradients(self.trainable_parameters)
         grad_norm = self._optimizer_step()
-        K = self.rollout.samples_per_prompt
+        totals = ranks.sum(torch.tensor([stats[key] for key in SHARE_STATS] + [float(generation.completion_mask.sum())],
+                                        dtype=torch.float64))
+        stats.update(zip(SHARE_STATS, totals.tolist()))
+        K, batch = self.rollout.samples_per_prompt, len(prompts) * self.rollout.samples_per_prompt
         samples = []
-        for index, prompt in enumerate(rows):
+        for index, (row, prompt) in enumerate(rows):
             length = int(generation.completion_mask[index].sum())
             ids = generation.tokens[index, :length].tolist()
             samples.append(Sample(
-                prompt_index=prompt.index, sample_index=index % K, prompt=prompt.text, prompt_ids=list(prompt.token_ids),
+                prompt_index=prompt.index, sample_index=row % K, prompt=prompt.text, prompt_ids=list(prompt.token_ids),
                 completion=self.tokenizer.decode(ids, skip_special_tokens=True), completion_ids=ids,
                 behaviour_logprobs=[], policy_version=self.version,
                 finish_reason="stop" if self.tokenizer.eos_token_id in ids else "length", extra=dict(prompt.extra),
             ))
         self.version += 1
         # kl_horizon is in samples, as on the policy-gradient path.
-        self.kl_controller.update(float(stats["kl_sequence"]), len(rows) if self.algorithm.kl_controller == "adaptive" else 1)
+        self.kl_controller.update(float(stats["kl_sequence"]), batch if self.algorithm.kl_controller == "adaptive" else 1)
         metrics = {key: float(value) for key, value in stats.items()}
         metrics.update(self._grad_norm_metrics(grad_norm))
         metrics.update({
             "kl_placement": "loss",
-            "response_length_mean": float(generation.completion_mask.sum(-1).float().mean()),
+            "response_length_mean": float(totals[-1]) / batch,
             "learning_rate": self.scheduler.get_last_lr()[0],
-            "peak_memory_bytes": peak_memory_bytes(self.device),
+            "peak_memory_bytes": int(ranks.max(torch.tensor(peak_memory_bytes(self.device)))),
             "policy_version": self.version,
             "learn_seconds": time.perf_counter() - start,
         })
         return samples, metrics
 
-    def _grade_loss(self, prompts: list[PromptItem], step: int, generator: torch.Generator):
-        """Relaxed generation from K copies of each prompt (Gumbel noise from `generator`), scored by the
-        classifier RM's soft path over the tokens of the hard text (EOS left out)."""
-        from raylign.learner.grade import grade_loss, relaxed_generate, tau_at
+    def _grade_loss(self, prompts: list[PromptItem], step: int, noise_key: tuple, ranks: Ranks):
+        """Relaxed generation from K copies of each prompt, this rank's rows of them (each row's Gumbel noise
+        seeded by `noise_key` and its index in the batch), scored by the classifier RM's soft path over the
+        tokens of the hard text (EOS left out). Returns the loss share, stats, the generation and the
+        (batch index, prompt) of each row."""
+        from raylign.learner.grade import RowNoise, grade_loss, relaxed_generate, tau_at
 
         algo, K = self.algorithm, self.rollout.samples_per_prompt
         if self.reward_model is None:
             raise RuntimeError("GRADE needs algorithm.reward_model; attach_lora loads it")
-        rows = [p for p in prompts for _ in range(K)]
+        every_row = [p for p in prompts for _ in range(K)]
+        indices = ranks.rows(len(every_row)).tolist()
+        rows = [every_row[i] for i in indices]
         width = max(len(p.token_ids) for p in rows)
         pad = pad_token_id(self.tokenizer)
         prompt_ids = torch.tensor([[pad] * (width - len(p.token_ids)) + p.token_ids for p in rows], device=self.device)
         prompt_mask = torch.tensor([[0] * (width - len(p.token_ids)) + [1] * len(p.token_ids) for p in rows], device=self.device)
         tau = tau_at(step, algo.tau_start, algo.tau_end, algo.anneal_steps)
+        noise = RowNoise(noise_key, indices, self.rollout.max_new_tokens, self.model.get_input_embeddings().weight.shape[0],
+                         self.device)
         generation = relaxed_generate(
             self.model, None, prompt_ids, prompt_mask, max_new_tokens=self.rollout.max_new_tokens, tau=tau,
             straight_through=algo.name == "grade_ste", top_k=algo.relaxed_top_k, backprop_window=algo.backprop_window,
             gradient_checkpointing=algo.gradient_checkpointing, eos_token_id=self.tokenizer.eos_token_id,
-            min_new_tokens=self.rollout.min_new_tokens, generator=generator,
+            min_new_tokens=self.rollout.min_new_tokens, noise=noise,
         )
         token_probs, mask = generation.sequence_for_reward(include_prompt=True, eos_token_id=self.tokenizer.eos_token_id)
         reward = self.reward_model.reward_from_distributions(token_probs, mask)
+        normaliser = alg.Normaliser(tokens=float(ranks.sum(generation.completion_mask.sum())), sequences=len(every_row))
         loss, stats = grade_loss(reward, generation.kl, generation.completion_mask, self.kl_controller.value, tau=tau,
-                                 aggregation=algo.loss_aggregation, max_new_tokens=self.rollout.max_new_tokens)
-        return loss, stats, generation, rows
+                                 aggregation=algo.loss_aggregation, max_new_tokens=self.rollout.max_new_tokens,
+                                 normaliser=normaliser)
+        return loss, stats, generation, list(zip(indices, rows))
 
     def _optimizer_step(self) -> float:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters, self.train_config.max_grad_norm))

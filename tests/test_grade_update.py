@@ -1,6 +1,7 @@
 """GRADE's composed step in the learner: against a plain per-row reference, the backprop window counted
 from the tokens each row generated, the soft reward pooled over the hard text's tokens, the adaptive KL
-controller in samples, and probes that leave training unchanged."""
+controller in samples, probes that leave training unchanged, and N data-parallel ranks that make the
+update of one."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import torch
 
 from raylign.common.config import load_config
 from raylign.common.types import PromptItem
-from raylign.learner.grade import exact_kl, gumbel_noise, relaxed_generate
+from raylign.learner.data_parallel import SINGLE
+from raylign.learner.grade import RowNoise, exact_kl, gumbel_noise, relaxed_generate
 from raylign.learner.learner_worker import LearnerWorker
 from tests.test_composed_update import randomise_lora_b
+from tests.test_offline_data_parallel import run_ranks
 
 torch.set_num_threads(1)
 
@@ -50,15 +53,15 @@ def prompt_items(learner) -> list[PromptItem]:
     return [PromptItem(index=i, text=p, token_ids=learner.tokenizer(p).input_ids, seed=i) for i, p in enumerate(PROMPTS)]
 
 
-def plain_grade_loss(learner, prompts, noise_seed: int, straight_through: bool) -> torch.Tensor:
+def plain_grade_loss(learner, prompts, noise_key: tuple, straight_through: bool) -> torch.Tensor:
     """GRADE from its definition, one row at a time, recomputing the whole context at every step (no cache,
     no padding): y_t = softmax((logits_t + g_t) / tau) [STE: hard forward], next input y_t @ E, exact
     KL(pi_t || ref_t) on the same context, reward = RM(prompt one-hots + y without the closing EOS)."""
     model, eos = learner.model, learner.tokenizer.eos_token_id
     embedding = model.get_input_embeddings().weight
     rows = [p for p in prompts for _ in range(K)]
-    generator = torch.Generator().manual_seed(noise_seed)
-    noises = [gumbel_noise((len(rows), embedding.shape[0]), generator=generator) for _ in range(MAX_NEW_TOKENS)]
+    row_noise = RowNoise(noise_key, range(len(rows)), MAX_NEW_TOKENS, embedding.shape[0])
+    noises = [row_noise.at(t) for t in range(MAX_NEW_TOKENS)]
     rewards, kls = [], []
     for index, prompt in enumerate(rows):
         prompt_embeds = embedding[torch.tensor(prompt.token_ids)]
@@ -97,9 +100,9 @@ def gradient(learner, loss) -> list[torch.Tensor]:
 def test_grade_step_matches_a_plain_per_row_reference(tiny_model_dir, classifier_dir, method):
     learner = grade_learner(tiny_model_dir, classifier_dir, method)
     prompts = prompt_items(learner)
-    loss, _, generation, _ = learner._grade_loss(prompts, 0, torch.Generator().manual_seed(7))
+    loss, _, generation, _ = learner._grade_loss(prompts, 0, (7,), SINGLE)
     actual = gradient(learner, loss)
-    expected_loss = plain_grade_loss(learner, prompts, 7, method == "grade_ste")
+    expected_loss = plain_grade_loss(learner, prompts, (7,), method == "grade_ste")
     torch.testing.assert_close(loss.detach(), expected_loss.detach(), atol=1e-5, rtol=1e-5)
     for a, e in zip(actual, gradient(learner, expected_loss)):
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
@@ -186,3 +189,31 @@ def test_gradient_variance_probes_leave_grade_training_unchanged(tiny_model_dir,
         return losses
 
     assert two_steps(probe=True) == two_steps(probe=False)
+
+
+@pytest.mark.parametrize("method,world_size,algorithm", [
+    ("grade", 2, {}),
+    ("grade_ste", 3, {"backprop_window": 2, "kl_controller": "adaptive", "kl_target": 1e-6}),
+], ids=["grade-2-ranks", "grade-ste-3-ranks-window"])
+def test_grade_on_data_parallel_ranks_makes_the_update_and_the_samples_of_one_learner(
+        tiny_model_dir, classifier_dir, method, world_size, algorithm):
+    """Each rank relaxes its rows (4 rows over 3 ranks: 2, 1, 1) with the noise one learner gives them."""
+    def two_steps(learner, ranks):
+        learner.ranks = ranks
+        steps = [learner.grade_step(prompt_items(learner), step) for step in range(2)]
+        return steps, [p.detach().clone() for p in learner.trainable_parameters], learner.kl_controller.value
+
+    (one_steps, one_weights, one_kl_coef), = run_ranks(1, lambda: grade_learner(tiny_model_dir, classifier_dir, method, **algorithm), two_steps)
+    ranks = run_ranks(world_size, lambda: grade_learner(tiny_model_dir, classifier_dir, method, **algorithm), two_steps)
+    for step, (one_samples, one_metrics) in enumerate(one_steps):
+        samples = [sample for steps, _, _ in ranks for sample in steps[step][0]]
+        assert [(s.prompt_index, s.sample_index, s.completion_ids) for s in samples] == \
+            [(s.prompt_index, s.sample_index, s.completion_ids) for s in one_samples]
+        for steps, _, _ in ranks:
+            for key in ("loss", "reward_soft", "kl", "kl_sequence", "kl_coef", "grad_norm", "response_length_mean"):
+                assert steps[step][1][key] == pytest.approx(one_metrics[key], rel=1e-5, abs=1e-6), (step, key)
+    assert one_steps[1][1]["kl"] > 0
+    for _, weights, kl_coef in ranks:
+        assert kl_coef == pytest.approx(one_kl_coef, rel=1e-9)
+        for actual, expected in zip(weights, one_weights, strict=True):
+            torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
