@@ -1,4 +1,4 @@
-"""`raylign bench rollout` (and `train`, in bench_train.py): rollout throughput, adapter publish latency, share of a step spent in sync.
+"""`raylign bench rollout` (and `train`, in bench_train.py; `staleness`, in bench_staleness.py): rollout throughput, adapter publish latency, share of a step spent in sync.
 
 Benchmarks, not tests: the numbers go to a JSON file and the README.
 """
@@ -114,7 +114,18 @@ def bench_main(argv: list[str]) -> int:
     training.add_argument("--workloads", nargs="+", default=["tiny", "llama_86m"], choices=["tiny", "llama_86m"],
                           help="the built-in tiny Llama and/or an ~86M-parameter random Llama of the same family")
     training.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), help="raylign modes to run")
+    staleness = commands.add_parser("staleness", help="the quickstart's reward curve with max_staleness 0 and 1, and s/step")
+    staleness.add_argument("--out", default="bench_staleness.json", help="JSON file to write (the plot goes beside it, .png)")
+    staleness.add_argument("--steps", type=int, default=100, help="training steps per run")
+    staleness.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds to run at each staleness")
+    staleness.add_argument("--placement", choices=["colocate", "split"], default="colocate", help="cluster.placement")
     args = parser.parse_args(argv)
+    if args.benchmark == "staleness":
+        from raylign.cluster.bench_staleness import bench_staleness
+
+        result = bench_staleness(args.steps, args.seeds, args.placement, args.out)
+        print(json.dumps({level: {k: v for k, v in entry.items() if k != "runs"} for level, entry in result["levels"].items()}, indent=2))
+        return 0
     if args.benchmark == "train":
         result = bench_train(args.steps, args.warmup_steps, args.workloads, args.modes, args.out)
         print(json.dumps(result, indent=2))
