@@ -376,7 +376,7 @@ def test_gpt2_hh_rlhf_twin_runs_end_to_end_and_skips_finished_stages_on_rerun(ra
 
 @pytest.mark.slow
 def test_gemma_twin_runs_both_methods_at_three_seeds_on_one_sft_model_and_one_reward_model(ray_session, tmp_path):
-    config = load_pipeline_config(PIPELINES / "gemma_ultrafeedback_tiny.yaml", [f"output_dir={tmp_path}"])
+    config = load_pipeline_config(PIPELINES / "gemma_ultrafeedback_tiny.yaml", [f"output_dir={tmp_path}", *SHORT_SFT])
     summary = run_pipeline(config)
     rows = {row["name"]: row for row in summary["stages"]}
     assert [row["status"] for row in summary["stages"]] == ["done"] * 6
@@ -407,8 +407,12 @@ def test_gemma_twin_runs_both_methods_at_three_seeds_on_one_sft_model_and_one_re
     assert "Cohen's d" in (tmp_path / "report" / "report.md").read_text()
 
 
-# The GRADE twin at one of its seeds: the report's tests across seeds are covered in tests/test_report.py.
-TWIN_OVERRIDES = {"grade_imdb_tiny": ["seeds=[42]"]}
+# The twins run their stages for the mechanics; a short SFT (40 steps, not 150) is enough for that and the
+# gpt2 twin's test checks what SFT learns. The GRADE twin at one of its seeds: the report's tests across
+# seeds are covered in tests/test_report.py.
+SHORT_SFT = ["stages.sft.training.steps=40"]
+TWIN_OVERRIDES = {"grade_imdb_tiny": ["seeds=[42]", *SHORT_SFT], "grpo_heuristic_twitter_tiny": SHORT_SFT,
+                  "smollm2_orca_tiny": SHORT_SFT}
 
 
 @pytest.mark.slow

@@ -91,8 +91,9 @@ def test_grade_raises_the_hard_text_reward_and_is_evaluated_by_rollout_actors(
         f"algorithm.name={method}", f"algorithm.reward_model={sentiment_classifier_dir}", "algorithm.kl_coef=0.01",
         "algorithm.anneal_steps=20", "train.learning_rate=0.01", "train.steps=20", "logging.progress=false",
         "reward.function=null", f"reward.sources=[{{name: classifier_rm, path: '{sentiment_classifier_dir}'}}]",
-        "eval.every=10", "eval.val_samples=8", "eval.samples_per_prompt=2",
-        "train.grad_variance_every=10", "train.grad_variance_batches=2",
+        # Validation and gradient-variance probes are the same code for both variants: checked on GRADE alone.
+        *(["eval.every=10", "eval.val_samples=8", "eval.samples_per_prompt=2", "train.grad_variance_every=10",
+           "train.grad_variance_batches=2"] if method == "grade" else ["eval.every=0", "eval.run_test=false"]),
     ])
     train(config)
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -103,7 +104,8 @@ def test_grade_raises_the_hard_text_reward_and_is_evaluated_by_rollout_actors(
     assert metrics[0]["kl"] < 1e-6  # policy == reference at step 0
     assert metrics[0]["tau"] == 2.0 and metrics[-1]["tau"] < metrics[0]["tau"]
     assert {"reward_soft", "peak_memory_bytes", "grad_norm"} <= set(metrics[-1])
-    validated = [m for m in metrics if "val/reward_mean" in m]
-    assert [m["step"] for m in validated] == [9, 19]
-    probes = [json.loads(line) for line in (tmp_path / "gradient_variance.jsonl").read_text().splitlines()]
-    assert [p["step"] for p in probes] == [0, 10] and all(p["trace_covariance"] > 0 for p in probes)
+    if method == "grade":
+        validated = [m for m in metrics if "val/reward_mean" in m]
+        assert [m["step"] for m in validated] == [9, 19]
+        probes = [json.loads(line) for line in (tmp_path / "gradient_variance.jsonl").read_text().splitlines()]
+        assert [p["step"] for p in probes] == [0, 10] and all(p["trace_covariance"] > 0 for p in probes)
