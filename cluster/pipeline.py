@@ -96,6 +96,7 @@ def run_stage(stage: Stage, stage_dir: Path, config: PipelineConfig, artefacts: 
     """One stage with its references resolved: an RL run of the driver, or a group of OfflineTrainer actors."""
     import ray
 
+    from raylign.cluster.console import remote_actor
     from raylign.cluster.placement import first_failure_or_all, release_ranks, start_ranks
 
     if isinstance(stage, ReportStage):
@@ -112,7 +113,8 @@ def run_stage(stage: Stage, stage_dir: Path, config: PipelineConfig, artefacts: 
 
     resolved = resolve_stage(stage, artefacts)
     resources = resolved.resources
-    placement, trainers = start_ranks(ray.remote(OfflineTrainer), resources.num_learners, resources.num_cpus,
+    log_dir = None if config.verbose else str(stage_dir.resolve() / "logs")
+    placement, trainers = start_ranks(remote_actor(OfflineTrainer, "offline", log_dir), resources.num_learners, resources.num_cpus,
                                       resources.num_gpus, config.seed, resources.threads, resources.num_gpus > 0)
     try:
         return first_failure_or_all([getattr(t, resolved.kind).remote(resolved, str(stage_dir)) for t in trainers])[0]
@@ -209,11 +211,12 @@ def start_pipeline_ray(config: PipelineConfig) -> None:
         return
     runtime_env = {"env_vars": WORKER_ENV}
     if config.cluster.address is not None:
-        ray.init(address=config.cluster.address, runtime_env=runtime_env)
+        ray.init(address=config.cluster.address, runtime_env=runtime_env, log_to_driver=config.verbose)
         return
     need = max(stage_cpus(stage) for stage in config.stages)
     num_cpus = max(config.cluster.num_cpus or os.cpu_count() or 1, math.ceil(need))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+    # Unless verbose, actors write their output to the stage's logs/ (cluster/console.py), not the console.
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=config.verbose)
 
 
 def stage_cpus(stage: Stage) -> float:

@@ -413,6 +413,13 @@ class PipelineConfig(Section):
         ),
     )
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray cluster the stages run on.")
+    verbose: bool = Field(
+        False,
+        description=(
+            "Show the actors' output (library warnings, engine logs) on the console; by default an offline stage's "
+            "actors write theirs to <stage>/logs/offline.log and a train stage's to its run's logs/ (logging.verbose)."
+        ),
+    )
     stages: list[Stage] = Field(
         ..., min_length=1, description="Stages, run in order: sft, reward_model, dpo, train, evaluate or report."
     )

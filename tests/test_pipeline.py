@@ -316,6 +316,8 @@ def test_gpt2_hh_rlhf_twin_runs_end_to_end_and_skips_finished_stages_on_rerun(ra
 
     sft = json.loads((tmp_path / "sft" / "results.json").read_text())
     assert (tmp_path / "sft" / "model.safetensors").is_file()
+    # The offline stages' actors wrote their output to the stage's logs/, not the console.
+    assert all((tmp_path / name / "logs" / "offline.log").is_file() for name in ("sft", "rm", "dpo"))
     assert len(read_jsonl(tmp_path / "sft" / "metrics.jsonl")) == 80
     assert sft["eval/loss"] < sft["eval/loss_before"] - 2.0
     assert sft["eval/perplexity"] == pytest.approx(2.718281828 ** sft["eval/loss"], rel=1e-6)
