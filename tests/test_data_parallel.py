@@ -74,7 +74,7 @@ def test_a_short_run_with_two_learners_and_micro_batches_logs_the_metrics_of_one
     from raylign.cluster.driver import train
 
     common = [f"model.path={warm_model_dir}", "sft.steps=0", "rollout.backend=hf", "train.steps=3",
-              "train.prompts_per_step=4", "logging.progress=false"]
+              "train.prompts_per_step=4", "logging.progress=false", "eval.run_test=false"]
     runs = {}
     for learners, micro_batch_size in ((1, 32), (2, 5)):
         output = tmp_path / f"learners_{learners}"

@@ -15,7 +15,7 @@ from raylign.common.config import load_config
 ], ids=["grpo", "ppo", "grpo-staleness-1"])
 def test_resumed_run_reproduces_the_uninterrupted_one(method, extra, warm_model_dir, ray_session, tmp_path):
     common = [f"model.path={warm_model_dir}", "sft.steps=0", "rollout.backend=hf", f"algorithm.name={method}", *extra,
-              "train.steps=4", "train.checkpoint_every=2", "train.prompts_per_step=4", "logging.progress=false",
+              "train.steps=4", "train.checkpoint_every=2", "train.prompts_per_step=4", "logging.progress=false", "eval.run_test=false",
               "reward.normalize=running", "train.lr_schedule=cosine"]
     whole = tmp_path / "whole"
     train(load_config("configs/quickstart.yaml", [f"output_dir={whole}", *common]))
@@ -49,7 +49,7 @@ def test_a_dead_learner_is_restarted_from_the_last_checkpoint_and_the_run_ends_a
     from raylign.cluster.learner_group import LearnerGroup
 
     common = [f"model.path={warm_model_dir}", "sft.steps=0", "rollout.backend=hf", "train.steps=4",
-              "train.checkpoint_every=2", "train.prompts_per_step=4", "logging.progress=false",
+              "train.checkpoint_every=2", "train.prompts_per_step=4", "logging.progress=false", "eval.run_test=false",
               "reward.normalize=running", "train.max_learner_restarts=1"]
     whole = tmp_path / "whole"
     train(load_config("configs/quickstart.yaml", [f"output_dir={whole}", *common]))
