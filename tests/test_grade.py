@@ -34,13 +34,6 @@ def close(actual, expected, atol=1e-6):
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
 def prompts(tokenizer):
     return tokenizer(PROMPTS, return_tensors="pt", padding=True)
 

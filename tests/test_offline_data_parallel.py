@@ -18,6 +18,8 @@ from raylign.learner import dpo, reward_training, sft
 from raylign.learner.data_parallel import Ranks
 from tests.test_offline_trainers import LastTokenRewardModel, lora_model, sentiment_pairs
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # 5 rows do not split evenly over 2 ranks (3 + 2), and the eval sets (7 rows, chunks of 5) neither.
 BATCH, STEPS = 5, 3
 
@@ -78,21 +80,6 @@ def assert_same_training(one: list, two: list) -> None:
         for name, value in one_weights.items():
             torch.testing.assert_close(weights[name], value, atol=1e-5, rtol=1e-4)
             assert torch.equal(weights[name], two[0][1][name])  # every rank took the same step
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_each():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 def test_masked_sft_on_two_ranks_trains_the_adapter_and_logs_the_history_of_one(tiny_model_dir, tokenizer):

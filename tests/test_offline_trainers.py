@@ -9,6 +9,8 @@ from raylign.common.preference_data import PreferenceExample
 from raylign.common.prompt_completion import IGNORE_INDEX, collate_prompt_completion, encode_prompt_completion
 from raylign.learner import dpo, reward_training, sft
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 POSITIVE = ["great", "wonderful", "brilliant", "excellent", "charming", "lovely", "fantastic", "delightful"]
 NEGATIVE = ["bad", "boring", "awful", "terrible", "dull", "stupid", "horrible", "painful"]
 SUBJECTS = ["the movie", "this film", "the acting", "the story", "the plot", "the ending", "the cast", "the music"]
@@ -30,22 +32,6 @@ def sentiment_pairs(n: int, seed: int) -> list[PreferenceExample]:
         rejected = f"{rng.choice(NEGATIVE)} and {rng.choice(NEGATIVE)}."
         pairs.append(PreferenceExample(prompt=prompt, chosen=chosen, rejected=rejected))
     return pairs
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two contend on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 def causal_lm(path):
