@@ -109,16 +109,22 @@ def run_training(inputs: RunInputs, output_dir: Path, releases: list) -> dict:
     if resume is not None and config.sft.steps > 0:
         model_path = str(output_dir / "sft_model")  # the warm-started base the checkpoint's adapter belongs to
 
+    # The actors start side by side (each spends seconds importing its libraries and loading its model): the
+    # reward actors at once, the rollout actors as soon as the model they sample exists, while the learner
+    # loads. Only rollout actors that may share a GPU with the learner wait for it, so that vLLM's memory
+    # profile sees the learner's weights.
+    rewards = RewardPool(config.reward, log_dir=actor_log_dir(config))
+    releases.append(rewards.release)
     learners = LearnerGroup(config, model_path)
     releases.append(learners.release)
     sft_metrics = {}
     if config.sft.steps > 0 and resume is None:
         model_path, sft_metrics = warm_start(config, learners, output_dir)
-    learners.attach_lora()
-
+    if may_share_a_gpu(config):
+        learners.wait_until_loaded()
     rollouts = RolloutPool(config, model_path, max_model_len=encoder.max_model_len())
-    rewards = RewardPool(config.reward, log_dir=actor_log_dir(config))
-    releases.extend([rollouts.release, rewards.release])
+    releases.append(rollouts.release)
+    learners.attach_lora()
     evaluator = Evaluator(config, output_dir, rollouts, rewards, learners.leader, eval_prompts)
     history: list[dict] = []
     first_step = 0
@@ -347,6 +353,11 @@ def group_sizes_of(valid: list[Sample], samples: list[Sample], group_size: int) 
         group = position[id(sample)] // group_size
         sizes[group] = sizes.get(group, 0) + 1
     return list(sizes.values())
+
+
+def may_share_a_gpu(config: RunConfig) -> bool:
+    """Whether a rollout actor and a learner can land on one GPU (both ask for a fraction of one)."""
+    return 0 < config.rollout.num_gpus < 1 and 0 < config.train.num_gpus < 1
 
 
 def resolve_model_path(config: RunConfig, output_dir: Path) -> str:
