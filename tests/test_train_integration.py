@@ -9,7 +9,8 @@ from raylign.common.config import load_config
 
 # The quickstart's demo settings (a strong KL, a gentle learning rate) trade speed for a policy that stays
 # fluent; these tests check the mechanics in 16 steps, with the faster settings they were written for.
-MECHANICS = ["train.learning_rate=2e-3", "algorithm.kl_coef=0.02"]
+# Validation and the test evaluation (the quickstart's 64 prompts x 4) are checked in tests/test_evaluation.py.
+MECHANICS = ["train.learning_rate=2e-3", "algorithm.kl_coef=0.02", "eval.every=0", "eval.run_test=false"]
 REQUIRED_METRICS = {"step", "reward_mean", "reward_std", "kl", "loss", "grad_norm", "policy_version",
                     "rollout/logprob_gap", "time/generate_s", "time/reward_s", "time/learn_s", "time/publish_s", "time/step_s"}
 
@@ -46,6 +47,7 @@ def test_grpo_raises_reward_and_rollouts_follow_every_publish(backend, warm_mode
 def test_builtin_model_is_built_and_warm_started_by_sft_before_rl(ray_session, tmp_path):
     config = load_config("configs/quickstart.yaml", [
         f"output_dir={tmp_path}", "rollout.backend=hf", "sft.steps=40", "train.steps=2", "logging.progress=false",
+        "eval.every=0", "eval.run_test=false",
     ])
     results = train(config)
     assert (tmp_path / "base_model" / "config.json").is_file()
