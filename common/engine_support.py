@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 
 def query_vllm_registry(architecture: str) -> dict:
@@ -72,15 +73,57 @@ def vllm_support(architecture: str) -> VllmSupport | None:
 
 
 def ask_vllm(*architectures: str) -> None:
-    """Ask about several architectures in one interpreter (each probe pays vLLM's import once)."""
-    env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR"}
-    result = subprocess.run([sys.executable, "-c", _PROBE, *architectures], capture_output=True, text=True, env=env,
-                            timeout=600)
-    answer = next((line for line in reversed(result.stdout.splitlines()) if line.startswith("{")), None)
-    if result.returncode != 0 or answer is None:
-        raise RuntimeError(f"could not ask the installed vLLM about {', '.join(architectures)}: {result.stderr.strip()[-2000:]}")
-    for architecture, support in json.loads(answer).items():
-        _SUPPORT[architecture] = VllmSupport(architecture=architecture, **support)
+    """Ask about several architectures in one interpreter (each probe pays vLLM's import, about 12 s on 2 CPU
+    cores); the answers are kept on disk for this installation of vLLM (`registry_cache_path`), so a later
+    process asks again only about architectures it has not seen, or after vLLM is reinstalled."""
+    installation = installed_vllm()
+    cached = read_registry_cache(installation)
+    missing = [architecture for architecture in architectures if architecture not in cached]
+    if missing:
+        env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR"}
+        result = subprocess.run([sys.executable, "-c", _PROBE, *missing], capture_output=True, text=True, env=env,
+                                timeout=600)
+        answer = next((line for line in reversed(result.stdout.splitlines()) if line.startswith("{")), None)
+        if result.returncode != 0 or answer is None:
+            raise RuntimeError(f"could not ask the installed vLLM about {', '.join(missing)}: {result.stderr.strip()[-2000:]}")
+        cached.update(json.loads(answer))
+        write_registry_cache(installation, cached)
+    for architecture in architectures:
+        _SUPPORT[architecture] = VllmSupport(architecture=architecture, **cached[architecture])
+
+
+def registry_cache_path() -> Path:
+    """$XDG_CACHE_HOME/raylign/vllm_registry.json (~/.cache when unset)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "raylign" / "vllm_registry.json"
+
+
+def installed_vllm() -> str:
+    """What identifies this installation of vLLM: where its package is and when it was written (a reinstall,
+    even of the same version or of the other build, changes it)."""
+    origin = importlib.util.find_spec("vllm").origin
+    return f"{origin}@{os.stat(origin).st_mtime_ns}"
+
+
+def read_registry_cache(installation: str) -> dict:
+    """The cached answers for this installation: architecture -> what `query_vllm_registry` returned."""
+    try:
+        cache = json.loads(registry_cache_path().read_text())
+    except (OSError, ValueError):  # no cache yet, or an unreadable one: ask vLLM again
+        return {}
+    return dict(cache.get("answers", {})) if cache.get("installation") == installation else {}
+
+
+def write_registry_cache(installation: str, answers: dict) -> None:
+    """Keep the answers for the next process (atomically). A cache that cannot be written only costs the next
+    process another probe, so the run goes on."""
+    path = registry_cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps({"installation": installation, "answers": answers}, indent=1))
+        os.replace(partial, path)
+    except OSError as error:
+        print(f"[raylign] could not write the vLLM registry cache {path}: {error}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)

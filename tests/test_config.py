@@ -73,6 +73,19 @@ def test_cli_help_lists_config_fields():
         assert f"  {field}  [default" in result.stdout
 
 
+def test_rollout_actors_wait_for_the_learner_only_when_both_may_share_one_gpu():
+    """Otherwise they start side by side (cluster/driver.py)."""
+    from raylign.cluster.driver import may_share_a_gpu
+
+    def shares(*overrides):
+        return may_share_a_gpu(load_config("configs/quickstart.yaml", list(overrides)))
+
+    assert not shares()  # CPU
+    assert shares("rollout.num_gpus=0.4", "train.num_gpus=0.5")
+    assert not shares("rollout.num_gpus=1", "train.num_gpus=1")  # each its own GPU
+    assert not shares("rollout.num_gpus=0.5")  # the learner on CPU
+
+
 def test_threads_follow_the_placement_unless_set():
     from raylign.cluster.placement import run_cores, with_threads
 

@@ -158,6 +158,38 @@ def test_an_explicit_weight_sync_the_engine_cannot_serve_is_refused_naming_the_a
         plan_engine("vllm", weight_sync, "GPT2LMHeadModel", build)
 
 
+def test_vllms_answers_are_kept_per_installation_and_asked_again_only_for_what_is_new(tmp_path, monkeypatch):
+    from raylign.common import engine_support
+
+    probed = []
+
+    def fake_probe(command, **_):
+        architectures = command[3:]
+        probed.append(architectures)
+        answers = {a: {"version": "0.32.0", "cpu": True, "registered": True, "lora": a != "GPT2LMHeadModel"} for a in architectures}
+        return SimpleNamespace(returncode=0, stdout="INFO noise\n" + json.dumps(answers), stderr="")
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(engine_support.subprocess, "run", fake_probe)
+    monkeypatch.setattr(engine_support, "installed_vllm", lambda: "vllm/__init__.py@1")
+    monkeypatch.setattr(engine_support, "_SUPPORT", {})
+    engine_support.ask_vllm("LlamaForCausalLM", "GPT2LMHeadModel")
+    assert engine_support.registry_cache_path() == tmp_path / "raylign" / "vllm_registry.json"
+    # A new process (an empty in-memory table) asks only about the architecture the cache lacks.
+    monkeypatch.setattr(engine_support, "_SUPPORT", {})
+    engine_support.ask_vllm("GPT2LMHeadModel", "Qwen3ForCausalLM")
+    assert probed == [["LlamaForCausalLM", "GPT2LMHeadModel"], ["Qwen3ForCausalLM"]]
+    assert engine_support._SUPPORT["GPT2LMHeadModel"].lora is False and engine_support._SUPPORT["Qwen3ForCausalLM"].lora
+    # vLLM reinstalled: every answer is asked again.
+    monkeypatch.setattr(engine_support, "installed_vllm", lambda: "vllm/__init__.py@2")
+    engine_support.ask_vllm("GPT2LMHeadModel")
+    assert probed[-1] == ["GPT2LMHeadModel"]
+    # An unreadable cache is asked again too, never a crash.
+    engine_support.registry_cache_path().write_text("{not json")
+    engine_support.ask_vllm("LlamaForCausalLM")
+    assert probed[-1] == ["LlamaForCausalLM"]
+
+
 @pytest.mark.slow
 def test_cli_gpt2_twin_on_vllm_with_explicit_lora_exits_2_with_one_message():
     result = subprocess.run(
