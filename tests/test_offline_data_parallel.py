@@ -1,4 +1,4 @@
-"""The offline stages (SFT, reward model, DPO) on N data-parallel ranks train what one rank trains.
+"""The offline stages (SFT, reward models, DPO) on N data-parallel ranks train what one rank trains.
 
 The loops run in-process: two threads, each a rank with its own copy of the model, sum through shared
 memory (`ThreadRanks`), so the test checks the loops' arithmetic without starting Ray; one pipeline stage
@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import threading
 
 import pytest
 import torch
 
+from raylign.common.data import synthetic_review_with_mood
+from raylign.common.preference_data import PreferenceExample
+from raylign.common.reward_models import ClassifierRewardModel
 from raylign.learner import dpo, reward_training, sft
 from raylign.learner.data_parallel import Ranks
 from tests.test_offline_trainers import LastTokenRewardModel, lora_model, sentiment_pairs
@@ -113,6 +117,35 @@ def test_bradley_terry_reward_model_on_two_ranks_trains_the_weights_of_one(tiny_
     one, two = run_ranks(1, make, train), run_ranks(2, make, train)
     assert_same_training(one, two)
     assert 0 < one[0][0][-1]["val/accuracy"] <= 1
+
+
+def labelled_reviews(n: int, seed: int) -> list[PreferenceExample]:
+    """Reviews of varied length labelled by mood (1 = positive), as a classifier RM's data rows hold them."""
+    rng = random.Random(seed)
+    return [PreferenceExample(prompt="", label=i % 2,
+                              extra={"text": synthetic_review_with_mood(rng, "positive" if i % 2 else "negative")})
+            for i in range(n)]
+
+
+def test_classifier_reward_model_on_two_ranks_trains_the_head_of_one(tiny_model_dir, tokenizer):
+    train_rows, eval_rows = labelled_reviews(11, 0), labelled_reviews(7, 1)
+
+    def train(model, ranks):
+        history = reward_training.train_reward_classifier(
+            model, tokenizer, train_rows, steps=STEPS, batch_size=BATCH, learning_rate=3e-3, max_length=48, seed=0,
+            val_examples=eval_rows, eval_every=2, ranks=ranks)
+        return history, trained_weights(model)
+
+    def make():
+        torch.manual_seed(0)
+        # No dropout: each rank would draw its own masks, which one rank's run cannot reproduce.
+        return ClassifierRewardModel.from_base(tiny_model_dir, dropout=0.0)
+
+    one, two = run_ranks(1, make, train), run_ranks(2, make, train)
+    assert_same_training(one, two)
+    # Only the head trains (the body is frozen), and validation ran at step 2 and at the last step.
+    assert sorted(one[0][1]) == ["head.0.bias", "head.0.weight", "head.3.bias", "head.3.weight"]
+    assert [("val/accuracy" in row) for row in one[0][0]] == [False, True, True]
 
 
 def test_dpo_on_two_ranks_trains_the_adapter_and_logs_the_rewards_of_one(tiny_model_dir, tokenizer):
