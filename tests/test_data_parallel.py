@@ -14,17 +14,19 @@ from raylign.learner.learner_worker import LearnerWorker
 from tests.test_composed_update import COMPLETION_LENGTHS, K, REWARDS, fixed_samples
 
 
-def start_learners(model_dir: str, count: int, overrides: list[str]) -> list:
+def start_learners(model_dir: str, counts: tuple[int, ...], overrides: list[str]) -> list[list]:
+    """One learner group per count, all started at once (each actor spends seconds importing its libraries)."""
     config = load_config("configs/quickstart.yaml", [f"model.path={model_dir}", "rollout.backend=hf",
                                                       f"rollout.samples_per_prompt={K}", "train.prompts_per_step=3",
                                                       "rollout.max_new_tokens=9", *overrides])
     actor = ray.remote(LearnerWorker).options(num_cpus=1)
-    learners = [actor.remote(model_dir, config.model, config.train, config.algorithm, config.rollout, 0)
-                for _ in range(count)]
-    group = f"test-{uuid.uuid4().hex[:8]}"
-    ray.get([learner.join_learner_group.remote(rank, count, group) for rank, learner in enumerate(learners)])
-    ray.get([learner.attach_lora.remote() for learner in learners])
-    return learners
+    groups = [[actor.remote(model_dir, config.model, config.train, config.algorithm, config.rollout, 0)
+               for _ in range(count)] for count in counts]
+    for learners in groups:
+        name = f"test-{uuid.uuid4().hex[:8]}"
+        ray.get([learner.join_learner_group.remote(rank, len(learners), name) for rank, learner in enumerate(learners)])
+    ray.get([learner.attach_lora.remote() for learners in groups for learner in learners])
+    return groups
 
 
 def two_steps(learners, batch) -> tuple[list[dict], dict]:
@@ -49,8 +51,9 @@ def test_two_learners_make_the_update_of_one(ray_session, tiny_model_dir, overri
     batch = fixed_samples([tokenizer(p).input_ids for p in ["the movie was", "I watched this and the plot", "Overall"]])
     assert len(batch) == len(COMPLETION_LENGTHS)
     # Random first steps move the adapter, so the second step differentiates a policy that differs from the reference.
-    one_metrics, (one,) = two_steps(start_learners(tiny_model_dir, 1, overrides), batch)
-    two_metrics, (first, second) = two_steps(start_learners(tiny_model_dir, 2, overrides), batch)
+    single, pair = start_learners(tiny_model_dir, (1, 2), overrides)
+    one_metrics, (one,) = two_steps(single, batch)
+    two_metrics, (first, second) = two_steps(pair, batch)
     # Every rank holds the same adapter, and it is the single learner's.
     for name, value in one.items():
         assert torch.equal(first[name], second[name])
