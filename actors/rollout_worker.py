@@ -40,8 +40,10 @@ class RolloutWorker:
         import torch
 
         from raylign.common.model_checks import load_tokenizer
+        from raylign.common.storage import local_copy
 
         torch.set_num_threads(threads)
+        model_path = local_copy(model_path)
         self.tokenizer = load_tokenizer(model_path)
         if backend == "vllm":
             from raylign.actors.engines import VLLMEngine

@@ -8,6 +8,10 @@ scores models (`cluster.model_evaluation`); a report stage compares train stages
 `results.json` exists is done and is skipped on a re-run, unless forced; forcing a stage also re-runs every
 stage that uses its artefact. `pipeline.json` records each stage's status, artefact, seconds and key metrics,
 and is rewritten after every stage, so a failed run shows how far it got.
+
+With `storage` (a directory every node sees, or a pyarrow.fs URI) a finished stage directory is uploaded to
+`<storage>/<stage>/`; a stage is done when `<storage>/<stage>/results.json` exists, and later stages refer to
+its artefact there, so a stage may run on a node that never saw the earlier stages' output_dir.
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ from raylign.common.pipeline_config import (
     TrainStage,
     describe_pipeline_fields,
     load_pipeline_config,
+    referenced_stages,
     resolve_stage,
 )
+from raylign.common.storage import StorageError, check_reachable, join, local_copy, read_text, upload_dir
 
 SUMMARY = "pipeline.json"
 STAGE_MARKER = ".pipeline-stage"
@@ -55,6 +61,11 @@ class PipelineError(RuntimeError):
 def run_pipeline(config: PipelineConfig, force: bool | Iterable[str] = False) -> dict:
     """Run every stage not yet done (or forced), in order; returns what pipeline.json holds."""
     output_dir = Path(config.output_dir).resolve()
+    if config.storage is not None:
+        try:
+            check_reachable(config.storage, field="storage")
+        except StorageError as error:
+            raise ConfigError(str(error)) from None
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "pipeline.yaml").write_text(config_to_yaml(config))
     rerun = stages_to_rerun(config, force)
@@ -64,7 +75,8 @@ def run_pipeline(config: PipelineConfig, force: bool | Iterable[str] = False) ->
     start = time.perf_counter()
     for row, stage in zip(summary["stages"], config.stages):
         stage_dir = output_dir / stage.name
-        previous = read_results(stage_dir)
+        stored = None if config.storage is None else join(config.storage, stage.name)
+        previous = read_results(stage_dir) if stored is None else read_stored_results(stored)
         if previous is not None and stage.name not in rerun:
             row.update(status="skipped", **stage_summary(stage, previous))
             artefacts[stage.name] = row["artefact"]
@@ -77,6 +89,8 @@ def run_pipeline(config: PipelineConfig, force: bool | Iterable[str] = False) ->
         try:
             clear_stage_dir(stage_dir)
             results = run_stage(stage, stage_dir, config, artefacts)
+            if stored is not None:
+                results = store_stage(stage, stage_dir, stored, results)
         except Exception as error:
             cause = getattr(error, "cause", None) or error
             row.update(status="failed", seconds=time.perf_counter() - stage_start, error=f"{type(cause).__name__}: {cause}")
@@ -108,7 +122,8 @@ def run_stage(stage: Stage, stage_dir: Path, config: PipelineConfig, artefacts: 
     if isinstance(stage, EvaluateStage):
         from raylign.cluster.model_evaluation import evaluate
 
-        return evaluate(stage.evaluate_config(str(stage_dir), config.seed, config.cluster, artefacts))
+        local = local_artefacts(config, artefacts, referenced_stages(stage.reference_fields()))
+        return evaluate(stage.evaluate_config(str(stage_dir), config.seed, config.cluster, local))
     from raylign.learner.offline_jobs import OfflineTrainer
 
     resolved = resolve_stage(stage, artefacts)
@@ -120,6 +135,19 @@ def run_stage(stage: Stage, stage_dir: Path, config: PipelineConfig, artefacts: 
         return first_failure_or_all([getattr(t, resolved.kind).remote(resolved, str(stage_dir)) for t in trainers])[0]
     finally:
         release_ranks(placement, trainers)
+
+
+def local_artefacts(config: PipelineConfig, artefacts: dict[str, str], names: set[str]) -> dict[str, str]:
+    """The artefacts of stages `names` as paths on this node. An evaluation reads an RL run's directory around
+    its checkpoint (config.yaml, checkpoints/), so the whole stage directory is copied, not the artefact alone."""
+    if config.storage is None:
+        return artefacts
+    local = dict(artefacts)
+    for name in names & set(artefacts):
+        root = join(config.storage, name)
+        inside = artefacts[name][len(root):] if artefacts[name].startswith(root) else None
+        local[name] = local_copy(artefacts[name]) if inside is None else local_copy(root) + inside
+    return local
 
 
 def run_train_stage(stage: TrainStage, stage_dir: Path, config: PipelineConfig, artefacts: dict[str, str]) -> dict:
@@ -148,7 +176,8 @@ def run_report_stage(stage: ReportStage, stage_dir: Path, config: PipelineConfig
 
     start = time.perf_counter()
     output_dir = Path(config.output_dir).resolve()
-    comparison = write_report([output_dir / name for name in stage.runs], stage_dir, threshold=stage.threshold,
+    runs = [output_dir / name if config.storage is None else Path(local_copy(join(config.storage, name))) for name in stage.runs]
+    comparison = write_report(runs, stage_dir, threshold=stage.threshold,
                               n_resamples=stage.bootstrap_resamples, seed=config.seed, vary=stage.vary,
                               allow_different=stage.allow_different)
     key_metrics = {f"{method}/final_reward": m["final_reward"]["mean"] for method, m in comparison["methods"].items()}
@@ -188,6 +217,34 @@ def stages_to_rerun(config: PipelineConfig, force: bool | Iterable[str]) -> set[
 def read_results(stage_dir: Path) -> dict | None:
     path = stage_dir / "results.json"
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_stored_results(stored: str) -> dict | None:
+    """results.json of a stage in storage, its artefact named where it lies there (`stored_artefact`)."""
+    text = read_text(join(stored, "results.json"))
+    if text is None:
+        return None
+    results = json.loads(text)
+    if results.get("stored_artefact"):
+        results["artefact"] = results["stored_artefact"]
+    return results
+
+
+def store_stage(stage: Stage, stage_dir: Path, stored: str, results: dict) -> dict:
+    """Upload a finished stage to `stored`; its results.json there also names the artefact's place in storage
+    (`stored_artefact`), which is what later stages and re-runs use. Returns the results with that artefact."""
+    artefact = Path(stage_summary(stage, results)["artefact"])
+    try:
+        inside = artefact.resolve().relative_to(stage_dir.resolve())
+    except ValueError:  # not written into the stage directory (none of the stage kinds does this)
+        inside = None
+    stored_artefact = str(artefact) if inside is None else join(stored, *inside.parts)
+    results_file = stage_dir / "results.json"
+    on_disk = json.loads(results_file.read_text()) if results_file.is_file() else results
+    results_file.write_text(json.dumps({**on_disk, "stored_artefact": stored_artefact}, indent=2))
+    _log(f"stage '{stage.name}' ({stage.kind}): uploading {stage_dir} to {stored}")
+    upload_dir(stage_dir, stored)
+    return {**results, "artefact": stored_artefact}
 
 
 def stage_summary(stage: Stage, results: dict) -> dict:
@@ -352,6 +409,9 @@ def pipeline_main(argv: list[str] | None = None) -> int:
         return 0
     try:
         summary = run_pipeline(config, force)
+    except ConfigError as error:
+        print(f"raylign: {error}", file=sys.stderr)
+        return 2
     except PipelineError as error:
         print(f"raylign: {error}\n(see {Path(config.output_dir) / SUMMARY})", file=sys.stderr)
         return 1

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from raylign.common.model_checks import check_has_tokenizer
+from raylign.common.storage import exists as location_exists, is_uri
 
 BUILTIN_MODEL_PREFIX = "builtin:"
 HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -589,7 +590,7 @@ class RunConfig(Section):
                     f"algorithm.reward_model is not set: {self.algorithm.name} backpropagates through a classifier reward "
                     "model; set algorithm.reward_model to a directory written by a classifier reward-model stage"
                 )
-            if not Path(self.algorithm.reward_model).exists():
+            if not location_exists(self.algorithm.reward_model):
                 raise ValueError(
                     f"algorithm.reward_model = '{self.algorithm.reward_model}' does not exist; train one with a "
                     "reward_model stage (type: classifier) and point at its output"
@@ -662,6 +663,11 @@ def check_model_path(path: str, field: str) -> None:
         if family_of(path) not in FAMILIES:
             choices = ", ".join(f"'builtin:tiny-{name}'" for name in FAMILIES)
             raise ValueError(f"{field} = '{path}' is not a built-in model; use one of {choices}")
+        return
+    if is_uri(path):
+        if not location_exists(path):
+            raise ValueError(f"{field} = '{path}' does not exist in storage; check the URI (a pipeline stage's "
+                             "artefact is there once the stage has finished)")
         return
     if Path(path).expanduser().exists():
         return

@@ -11,6 +11,8 @@ import json
 import random
 from pathlib import Path
 
+from raylign.common.storage import local_copy
+
 BUILTIN_REVIEWS = "builtin:movie-reviews"
 
 _SUBJECTS = [
@@ -121,6 +123,7 @@ def _load_rows(source: str, split: str, data_dir: str | Path | None, text_file: 
             raise ValueError("data_dir is required to materialise the built-in data")
         paths = write_builtin_reviews(data_dir)
         source = str(paths["texts"] if text_file else paths["prompts"])
+    source = local_copy(source)
     if source.endswith((".json", ".jsonl")):
         if not Path(source).is_file():
             raise ValueError(f"data file '{source}' does not exist; give an existing .json/.jsonl file or 'builtin:movie-reviews'")

@@ -8,14 +8,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from raylign.common.storage import exists, is_uri, join, local_copy, read_text
+
 # Any one of these next to the weights means transformers can load a tokenizer from the directory.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 def check_has_tokenizer(path: str | Path, field: str) -> None:
-    """A local model directory must hold its tokenizer: every actor tokenises with the model's own."""
-    directory = Path(path).expanduser()
-    if directory.is_dir() and not any((directory / name).is_file() for name in TOKENIZER_FILES):
+    """A local model directory (or one in storage, looked at there) must hold its tokenizer: every actor
+    tokenises with the model's own."""
+    if is_uri(path):
+        lacks = exists(path) and not any(exists(join(path, name)) for name in TOKENIZER_FILES)
+    else:
+        directory = Path(path).expanduser()
+        lacks = directory.is_dir() and not any((directory / name).is_file() for name in TOKENIZER_FILES)
+    if lacks:
         raise ValueError(
             f"{field} = '{path}' has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save it next to the "
             f"weights with tokenizer.save_pretrained('{path}'), e.g. the base model's tokenizer the weights were trained with"
@@ -28,11 +35,15 @@ def load_tokenizer(path: str | Path, field: str = "model.path"):
     from transformers import AutoTokenizer
 
     check_has_tokenizer(path, field)
-    return AutoTokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(local_copy(path)))
 
 
 def read_model_config(path: str | Path) -> dict | None:
-    """config.json of a local model directory, None for anything else (a hub id is read by transformers later)."""
+    """config.json of a local model directory or one in storage (read there, nothing downloaded), None for
+    anything else (a hub id is read by transformers later)."""
+    if is_uri(path):
+        text = read_text(join(path, "config.json"))
+        return None if text is None else json.loads(text)
     config_file = Path(path).expanduser() / "config.json"
     return json.loads(config_file.read_text()) if config_file.is_file() else None
 
@@ -54,7 +65,7 @@ def model_architecture(path: str) -> str | None:
 def hub_model_architecture(path: str) -> str | None:
     """`model_architecture`, reading a hub id's config through transformers (its cache, or the hub)."""
     architecture = model_architecture(path)
-    if architecture is not None or Path(path).expanduser().exists():
+    if architecture is not None or is_uri(path) or Path(path).expanduser().exists():
         return architecture
     from transformers import AutoConfig
 
@@ -67,7 +78,7 @@ def max_positions(path: str | Path) -> int | None:
     if config is None:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(str(path)).to_dict()
+        config = AutoConfig.from_pretrained(str(local_copy(path))).to_dict()
     text_config = config.get("text_config") or config
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         if text_config.get(key):
@@ -90,7 +101,7 @@ def check_lora_targets(path: str | Path, target_modules: list[str] | str, field:
     from transformers.pytorch_utils import Conv1D
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(local_copy(path))))
     adaptable = {name: module for name, module in model.named_modules()
                  if isinstance(module, (torch.nn.Linear, torch.nn.Embedding, Conv1D))}
     unmatched = [target for target in target_modules

@@ -21,6 +21,10 @@ Artefacts: `sft` → the fine-tuned model directory (LoRA merged; the adapter al
 directory holding one run per seed (`seed_<s>/`); `evaluate` and `report` → their directory (evaluation.md,
 report.md and the rest).
 
+Storage: with `storage` set (a directory every node sees, or a pyarrow.fs URI), a reference names the stage's
+artefact there (`"{sft}"` → `s3://bucket/run/sft`), and whatever opens it (model, tokenizer and reward-model
+loading, data files) reads a node-local copy (`common.storage.local_copy`).
+
 Seeds: a train stage runs once per seed of its `run.seeds`, else of the pipeline's `seeds`, else once at `seed`.
 Offline stages run once (at `seed`), so every seed's RL run starts from the same SFT model and scores with the
 same reward model.
@@ -51,6 +55,7 @@ from raylign.common.config import (
 from raylign.common.evaluate_config import EvaluateConfig, EvaluationSpec
 from raylign.common.model_checks import check_has_tokenizer
 from raylign.common.preference_data import resolve_format
+from raylign.common.storage import check_location
 
 STAGE_KINDS = ("sft", "reward_model", "dpo", "train", "evaluate", "report")
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -413,6 +418,16 @@ class PipelineConfig(Section):
         ),
     )
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Ray cluster the stages run on.")
+    storage: str | None = Field(
+        None,
+        description=(
+            "Where finished stages live for every node to read: a directory all nodes see (a shared filesystem) or "
+            "a pyarrow.fs URI (s3://bucket/prefix, gs://bucket/prefix, hdfs://host/path, file:///path). Each stage "
+            "still runs in output_dir/<stage>, is then uploaded to <storage>/<stage>, counts as done when "
+            "<storage>/<stage>/results.json exists, and later stages' references name it there (a node opening it "
+            "downloads it once into $XDG_CACHE_HOME/raylign/storage). null: artefacts stay in output_dir."
+        ),
+    )
     verbose: bool = Field(
         False,
         description=(
@@ -430,6 +445,12 @@ class PipelineConfig(Section):
         if isinstance(data, dict) and isinstance(data.get("stages"), list):
             data = {**data, "stages": [_restore_references(stage, parent_is_stage=True) for stage in data["stages"]]}
         return data
+
+    @model_validator(mode="after")
+    def _storage_scheme(self) -> "PipelineConfig":
+        if self.storage is not None:
+            check_location(self.storage, field="storage")
+        return self
 
     @model_validator(mode="after")
     def _names_and_references(self) -> "PipelineConfig":

@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raylign.common.storage import local_copy
+
 
 @dataclass
 class PreferenceExample:
@@ -273,6 +275,7 @@ def resolve_format(source: str, format: str) -> str:
 def _load_rows(source: str, split: str | None):
     import datasets
 
+    source = local_copy(source)
     suffix = Path(source).suffix.lower()
     if suffix in _LOCAL_BUILDERS or Path(source).is_file():
         if not Path(source).is_file():

@@ -14,6 +14,7 @@ from pathlib import Path
 from raylign.common.config import RewardConfig, RunConfig
 from raylign.common.data import BUILTIN_REVIEWS, load_text_column
 from raylign.common.prompt_budget import PromptLimit
+from raylign.common.storage import exists as location_exists, is_uri
 
 LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 
@@ -34,6 +35,11 @@ def check_data_source(source: str, field: str) -> None:
         if source != BUILTIN_REVIEWS:
             raise ValueError(f"{field} = '{source}' is not a built-in data set; use '{BUILTIN_REVIEWS}', a local "
                              ".json/.jsonl file or a hub dataset name")
+        return
+    if is_uri(source):
+        if not location_exists(source):
+            raise ValueError(f"{field} = '{source}' does not exist in storage; check the URI (a pipeline stage's "
+                             "artefact is there once the stage has finished)")
         return
     if Path(source).expanduser().exists():
         return

@@ -33,6 +33,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from raylign.common.storage import local_copy
+
 REWARD_MODEL_CONFIG = "reward_model.json"
 REWARD_HEAD_WEIGHTS = "reward_head.safetensors"
 KINDS = ("scalar", "seqcls", "classifier")
@@ -414,6 +416,7 @@ def load_reward_model(
         raise ValueError(f"reward model kind '{kind}' is unknown; use one of {', '.join(KINDS)}")
     if adapter is not None and kind != "seqcls":
         raise ValueError(f"adapter = '{adapter}': only 'seqcls' reward models load a LoRA adapter; merge it into the '{kind}' model's body instead")
+    path, adapter = local_copy(path), None if adapter is None else local_copy(adapter)
     if kind == "seqcls":
         model = SequenceClassificationRewardModel.from_pretrained(path, adapter=adapter, dtype=dtype, max_length=max_length)
     else:

@@ -18,6 +18,7 @@ from raylign.common.config import AlgorithmConfig, ModelConfig, RolloutConfig, S
 from raylign.common.lora import adapter_files, merged_lora_weights
 from raylign.common.types import AdapterUpdate, MergedWeightsUpdate, PromptItem, Sample
 from raylign.common.prompt_completion import pad_token_id
+from raylign.common.storage import local_copy
 from raylign.learner import algorithms as alg
 from raylign.learner import update
 from raylign.learner.batching import build_token_batch
@@ -48,6 +49,7 @@ class LearnerWorker:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() and train.num_gpus > 0 else "cpu"))
         self.model_config, self.train_config, self.algorithm, self.rollout = model, train, algorithm, rollout
         self.seed = seed
+        model_path = local_copy(model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[model.dtype]).to(self.device)
         self.optimizer: torch.optim.Optimizer | None = None

@@ -43,6 +43,7 @@ from raylign.common.reward_models import (
     SequenceClassificationRewardModel,
     load_reward_model,
 )
+from raylign.common.storage import local_copy
 from raylign.common.tiny_model import family_of, resolve_builtin_model
 from raylign.learner import dpo, reward_training, sft
 from raylign.learner.data_parallel import SINGLE, Ranks
@@ -193,7 +194,7 @@ class OfflineTrainer:
         """A built-in tiny model is built into the stage directory (by rank 0; the others wait for it and read
         it there); other paths pass through."""
         if family_of(path) is None:
-            return path
+            return local_copy(path)
         if self.leader:
             resolve_builtin_model(path, out / "base_model", self.seed)
         self.ranks.barrier()

@@ -16,6 +16,7 @@ import torch
 from raylign.common.lora import adapter_files, merged_lora_weights
 from raylign.common.model_checks import load_tokenizer
 from raylign.common.prompt_completion import pad_token_id
+from raylign.common.storage import local_copy
 from raylign.common.types import AdapterUpdate, MergedWeightsUpdate, Sample, SamplingSettings
 from raylign.learner.batching import build_token_batch, score_tokens
 
@@ -39,9 +40,9 @@ class SequenceScorer:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=self.dtype).to(self.device)
+        model = AutoModelForCausalLM.from_pretrained(local_copy(base), dtype=self.dtype).to(self.device)
         if adapter is not None:
-            model = PeftModel.from_pretrained(model, adapter)
+            model = PeftModel.from_pretrained(model, local_copy(adapter))
         return model.eval(), adapter is not None
 
     def load_policy(self, base: str, adapter: str | None, weight_sync: str, version: int,
@@ -56,7 +57,7 @@ class SequenceScorer:
         if adapter is None and zero_like is not None:
             from peft import LoraConfig, get_peft_model
 
-            shape = LoraConfig.from_pretrained(zero_like)
+            shape = LoraConfig.from_pretrained(local_copy(zero_like))
             shape.init_lora_weights = True  # PEFT's default init: B = 0, so the adapter changes nothing
             self.policy, has_adapter = get_peft_model(self.policy, shape).eval(), True
         self.tokenizer = load_tokenizer(base)

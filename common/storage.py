@@ -1,0 +1,169 @@
+"""Where a pipeline's artefacts live when every node must read them: a directory all nodes see (a shared
+filesystem), or a pyarrow.fs URI (s3://bucket/prefix, gs://bucket/prefix, hdfs://host/path, file:///path).
+
+A stage writes node-locally and `upload_dir` copies the finished directory to storage; whoever opens an artefact
+calls `local_copy`, which hands a plain path back unchanged and downloads a URI once into a node-local cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# The schemes pyarrow.fs.FileSystem.from_uri understands (S3 and GCS need their credentials in the environment).
+SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+# Uploaded last: a stage directory in storage counts as done once this file is there.
+DONE_FILE = "results.json"
+FIX = ("use a directory every node sees (a shared filesystem path) or a URI pyarrow.fs reads: "
+       "s3://bucket/prefix, gs://bucket/prefix, hdfs://host/path or file:///path")
+
+
+class StorageError(ValueError):
+    """A storage location that does not exist or cannot be reached; the message names it and the fix."""
+
+
+def is_uri(path: str | os.PathLike) -> bool:
+    return isinstance(path, str) and URI.match(path) is not None
+
+
+def check_location(value: str, field: str = "storage") -> None:
+    """Refuse a URI whose scheme pyarrow.fs does not read; asks nothing of the network."""
+    match = URI.match(value)
+    if match is not None and match.group(1).lower() not in SCHEMES:
+        raise StorageError(f"{field} = '{value}': pyarrow.fs has no filesystem for '{match.group(1)}://'; {FIX}")
+    if not value.strip():
+        raise StorageError(f"{field} = '{value}' is empty; {FIX}")
+
+
+def join(base: str, *parts: str) -> str:
+    """`base/part/...` for a URI or a directory."""
+    if is_uri(base):
+        return "/".join([base.rstrip("/"), *(part.strip("/") for part in parts)])
+    return str(Path(base, *parts))
+
+
+def filesystem(location: str):
+    """(pyarrow filesystem, path inside it) of a URI or a local directory."""
+    import pyarrow.fs as pafs
+
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+    try:
+        return pafs.FileSystem.from_uri(location)
+    except Exception as error:  # pyarrow raises ArrowInvalid, OSError or its own for unknown schemes and bad hosts
+        raise StorageError(f"'{location}' cannot be opened ({type(error).__name__}: {error}); {FIX}") from error
+
+
+def exists(location: str) -> bool:
+    import pyarrow.fs as pafs
+
+    if not is_uri(location):
+        return Path(location).expanduser().exists()
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def check_reachable(location: str, field: str = "storage") -> None:
+    """Create the storage root (or see that it is there), so an unreachable store fails before any stage runs."""
+    try:
+        fs, path = filesystem(location)
+        fs.create_dir(path, recursive=True)
+    except Exception as error:
+        cause = error.__cause__ if isinstance(error, StorageError) and error.__cause__ else error
+        raise StorageError(
+            f"{field} = '{location}' cannot be reached or written ({type(cause).__name__}: {cause}); check the "
+            f"path, the bucket and its credentials (for S3: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an instance "
+            f"role), or {FIX}"
+        ) from error
+
+
+def upload_dir(local: str | os.PathLike, destination: str) -> None:
+    """Replace `destination` (a URI or a directory) by a copy of the directory `local`; its results.json is
+    copied last, so a reader never takes a half-uploaded stage for a finished one."""
+    import pyarrow.fs as pafs
+
+    source = Path(local)
+    if not source.is_dir():
+        raise StorageError(f"cannot upload '{local}': it is not a directory")
+    fs, root = filesystem(destination)
+    fs.create_dir(root, recursive=True)
+    fs.delete_dir_contents(root, missing_dir_ok=True)
+    files = sorted(p for p in source.rglob("*") if p.is_file())
+    files.sort(key=lambda p: p == source / DONE_FILE)
+    local_fs = pafs.LocalFileSystem()
+    for file in files:
+        target = "/".join([root.rstrip("/"), *file.relative_to(source).parts])
+        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        pafs.copy_files(str(file.resolve()), target, source_filesystem=local_fs, destination_filesystem=fs)
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "raylign" / "storage"
+
+
+def local_copy(path: str | os.PathLike) -> str:
+    """A path this node can open: a plain path as it is; a URI's file or directory downloaded once into
+    cache_dir()/<hash of the URI and its files' sizes and times>/<its name>. A download goes to a temporary
+    directory renamed into place when complete, so a half-written copy is never returned, and a copy of
+    files that have since changed in storage (a re-run stage) is never reused."""
+    import pyarrow.fs as pafs
+
+    if not is_uri(path):
+        return path
+    fs, remote = filesystem(path)
+    try:
+        info = fs.get_file_info(remote)
+    except Exception as error:
+        raise StorageError(f"'{path}' cannot be read ({type(error).__name__}: {error}); {FIX}") from error
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(
+            f"'{path}' does not exist in storage; check the URI (for a pipeline artefact: did its stage finish "
+            "and upload?)"
+        )
+    files = [info] if info.type == pafs.FileType.File else [
+        f for f in fs.get_file_info(pafs.FileSelector(remote, recursive=True)) if f.type == pafs.FileType.File]
+    fingerprint = "\n".join([path, *(f"{f.path} {f.size} {f.mtime_ns}" for f in sorted(files, key=lambda f: f.path))])
+    entry = cache_dir() / hashlib.sha256(fingerprint.encode()).hexdigest()[:24]
+    name = remote.rstrip("/").rsplit("/", 1)[-1] or "root"
+    if not entry.is_dir():
+        _download(fs, remote, info, name, entry)
+    return str(entry / name)
+
+
+def _download(fs, remote: str, info, name: str, entry: Path) -> None:
+    import pyarrow.fs as pafs
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    partial = entry.parent / f".{entry.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
+    try:
+        partial.mkdir()
+        local_fs = pafs.LocalFileSystem()
+        if info.type == pafs.FileType.File:
+            pafs.copy_files(remote, str(partial / name), source_filesystem=fs, destination_filesystem=local_fs)
+        else:
+            (partial / name).mkdir()
+            pafs.copy_files(remote, str(partial / name), source_filesystem=fs, destination_filesystem=local_fs)
+        try:
+            os.rename(partial, entry)
+        except OSError:
+            if not entry.is_dir():  # not another process on this node that finished the same download first
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def read_text(location: str) -> str | None:
+    """The text of a file in storage (a URI or a local path), None when it does not exist."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as stream:
+        return stream.read().decode()

@@ -1,0 +1,318 @@
+"""The pipeline's `storage` root (common/storage.py, cluster/pipeline.py): file:// URIs stand in for S3 and
+GCS, since pyarrow.fs serves every scheme through the same calls."""
+
+import json
+import os
+import shutil
+import textwrap
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+import yaml
+
+from raylign.common import storage
+from raylign.common.config import ConfigError, check_model_path
+from raylign.common.pipeline_config import load_pipeline_config
+from raylign.common.storage import StorageError, cache_dir, is_uri, local_copy, upload_dir
+
+# The cache the Ray actors use: every test but the one on Ray gets a cache of its own.
+ACTORS_CACHE_HOME = os.environ.get("XDG_CACHE_HOME")
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def make_stage_dir(path: Path) -> Path:
+    (path / "adapter").mkdir(parents=True)
+    (path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    (path / "adapter" / "adapter_model.safetensors").write_bytes(bytes(range(256)) * 40)
+    (path / "results.json").write_text(json.dumps({"artefact": str(path), "seconds": 1.5}))
+    return path
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def count_copies(monkeypatch) -> list[str]:
+    """Record the source of every pyarrow copy (still doing the copy)."""
+    calls = []
+    copy = pafs.copy_files
+
+    def counted(source, destination, **kwargs):
+        calls.append(source)
+        return copy(source, destination, **kwargs)
+
+    monkeypatch.setattr(pafs, "copy_files", counted)
+    return calls
+
+
+# ----- local_copy and upload_dir -----
+
+
+def test_only_scheme_urls_are_uris():
+    assert is_uri("s3://bucket/run/sft") and is_uri("file:///tmp/store") and is_uri("gs://b/p")
+    assert not is_uri("/shared/store/sft") and not is_uri("outputs/sft") and not is_uri("Qwen/Qwen2.5-0.5B")
+    assert not is_uri(Path("/tmp/x"))
+
+
+def test_a_plain_path_is_returned_unchanged_and_nothing_is_cached(tmp_path):
+    assert local_copy(str(tmp_path / "somewhere")) == str(tmp_path / "somewhere")
+    assert local_copy("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert not cache_dir().exists()
+
+
+def test_an_uploaded_directory_comes_back_byte_for_byte_under_its_own_name(tmp_path):
+    local = make_stage_dir(tmp_path / "out" / "sft")
+    upload_dir(local, f"file://{tmp_path}/store/sft")
+
+    assert tree(tmp_path / "store" / "sft") == tree(local)
+    copy = Path(local_copy(f"file://{tmp_path}/store/sft"))
+    assert copy.name == "sft" and copy.parent.parent == cache_dir()
+    assert tree(copy) == tree(local)
+    # A single file keeps its name (its suffix tells the data loaders its format).
+    one = Path(local_copy(f"file://{tmp_path}/store/sft/adapter/adapter_model.safetensors"))
+    assert one.name == "adapter_model.safetensors" and one.read_bytes() == bytes(range(256)) * 40
+
+
+def test_a_cached_copy_is_reused_without_downloading_again(tmp_path, monkeypatch):
+    upload_dir(make_stage_dir(tmp_path / "out" / "sft"), f"file://{tmp_path}/store/sft")
+    copies = count_copies(monkeypatch)
+
+    first = local_copy(f"file://{tmp_path}/store/sft")
+    second = local_copy(f"file://{tmp_path}/store/sft")
+
+    assert first == second and len(copies) == 1
+    assert len(list(cache_dir().iterdir())) == 1
+
+
+def test_a_stage_uploaded_again_with_other_files_is_downloaded_again(tmp_path):
+    local = make_stage_dir(tmp_path / "out" / "sft")
+    upload_dir(local, f"file://{tmp_path}/store/sft")
+    old = Path(local_copy(f"file://{tmp_path}/store/sft"))
+
+    (local / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "n_positions": 64}')
+    (local / "adapter" / "adapter_model.safetensors").unlink()
+    upload_dir(local, f"file://{tmp_path}/store/sft")
+    new = Path(local_copy(f"file://{tmp_path}/store/sft"))
+
+    assert new != old and tree(new) == tree(local)
+    assert not (tmp_path / "store" / "sft" / "adapter" / "adapter_model.safetensors").exists()  # the old files went
+
+
+def test_a_half_written_cache_entry_is_never_returned(tmp_path, monkeypatch):
+    upload_dir(make_stage_dir(tmp_path / "out" / "sft"), f"file://{tmp_path}/store/sft")
+    copy = pafs.copy_files
+
+    def dies_halfway(source, destination, **kwargs):
+        Path(destination).mkdir(parents=True, exist_ok=True)
+        (Path(destination) / "config.json").write_text('{"archi')
+        raise OSError("connection reset by peer")
+
+    monkeypatch.setattr(pafs, "copy_files", dies_halfway)
+    with pytest.raises(OSError, match="connection reset"):
+        local_copy(f"file://{tmp_path}/store/sft")
+    assert list(cache_dir().iterdir()) == []  # neither an entry nor the partial download is left
+
+    # A download killed outright leaves its temporary directory; it is never taken for the entry.
+    monkeypatch.setattr(pafs, "copy_files", copy)
+    stale = cache_dir() / ".0123abcd.999.deadbeef.partial" / "sft"
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text('{"archi')
+    result = Path(local_copy(f"file://{tmp_path}/store/sft"))
+    assert ".partial" not in str(result)
+    assert json.loads((result / "config.json").read_text()) == {"architectures": ["LlamaForCausalLM"]}
+
+
+def test_a_missing_uri_is_an_error_naming_it(tmp_path):
+    with pytest.raises(StorageError, match=f"'file://{tmp_path}/store/nope' does not exist in storage"):
+        local_copy(f"file://{tmp_path}/store/nope")
+
+
+def test_results_json_is_uploaded_last_and_a_stage_is_replaced_whole(tmp_path, monkeypatch):
+    local = make_stage_dir(tmp_path / "out" / "rm")
+    (tmp_path / "store" / "rm").mkdir(parents=True)
+    (tmp_path / "store" / "rm" / "stale.bin").write_text("from an earlier run")
+    copies = count_copies(monkeypatch)
+
+    upload_dir(local, str(tmp_path / "store" / "rm"))  # a plain (shared) directory: the same code path
+
+    assert [Path(c).name for c in copies][-1] == "results.json" and len(copies) == 3
+    assert tree(tmp_path / "store" / "rm") == tree(local)
+
+
+def test_a_model_in_storage_is_checked_there_naming_the_field_without_downloading_it(tmp_path):
+    from raylign.common.model_checks import check_has_tokenizer, model_architecture
+
+    uri = f"file://{tmp_path}/store/sft"
+    upload_dir(make_stage_dir(tmp_path / "out" / "sft"), uri)
+    check_model_path(uri, field="model.path")
+    with pytest.raises(ValueError, match=f"model.path = 'file://{tmp_path}/store/gone' does not exist in storage"):
+        check_model_path(f"file://{tmp_path}/store/gone", field="model.path")
+    with pytest.raises(ValueError, match=f"model.path = '{uri}' has no tokenizer"):
+        check_has_tokenizer(uri, "model.path")
+    assert model_architecture(uri) == "LlamaForCausalLM"
+    assert not cache_dir().exists()
+
+
+def test_model_and_data_loaders_open_an_artefact_in_storage_through_a_local_copy(tmp_path):
+    from raylign.common.data import load_text_column
+    from raylign.common.model_checks import load_tokenizer, max_positions, model_architecture
+    from raylign.common.preference_data import load_preference_data
+    from raylign.common.tiny_model import build_tiny_model
+
+    stage = build_tiny_model(tmp_path / "out" / "rm", family="llama", seed=0)
+    rows = [{"prompt": f"p{i}", "chosen": "good", "rejected": "bad", "split": "policy" if i % 2 else "val"} for i in range(6)]
+    (Path(stage) / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    root = f"file://{tmp_path}/store/rm"
+    upload_dir(stage, root)
+    shutil.rmtree(stage)  # only storage holds it now
+
+    assert load_tokenizer(root)("the movie was").input_ids == load_tokenizer(local_copy(root))("the movie was").input_ids
+    assert model_architecture(root) == "LlamaForCausalLM" and max_positions(root) > 0
+    assert load_text_column(f"{root}/prompts.jsonl", "prompt", "policy") == ["p1", "p3", "p5"]
+    val = load_preference_data(f"{root}/prompts.jsonl", "jsonl", "val")
+    assert [(e.prompt, e.chosen, e.rejected) for e in val] == [("p0", "good", "bad"), ("p2", "good", "bad"), ("p4", "good", "bad")]
+
+
+# ----- the pipeline's storage field -----
+
+
+SFT_THEN_RM = """
+    output_dir: {out}
+    storage: "{storage}"
+    stages:
+      - name: sft
+        kind: sft
+        model: {{path: "builtin:tiny-llama"}}
+        data: {{source: "builtin:movie-reviews", max_rows: 200}}
+        training: {{steps: 3, batch_size: 8, max_length: 32}}
+      - name: rm
+        kind: reward_model
+        model: {{path: "{{sft}}"}}
+        data: {{source: "builtin:movie-preferences", max_rows: 200}}
+        training: {{steps: 3, batch_size: 8, max_length: 32}}
+"""
+
+
+def pipeline(tmp_path: Path, storage_root: str, overrides=()):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(textwrap.dedent(SFT_THEN_RM.format(out=tmp_path / "out", storage=storage_root)))
+    return load_pipeline_config(path, list(overrides))
+
+
+def test_a_storage_uri_pyarrow_cannot_read_is_refused_naming_the_field_value_and_fix(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        pipeline(tmp_path, "ftp://host/store")
+    message = str(error.value)
+    assert "storage = 'ftp://host/store': pyarrow.fs has no filesystem for 'ftp://'" in message
+    assert "s3://bucket/prefix" in message and "shared filesystem path" in message
+
+
+def test_unreachable_storage_fails_before_any_stage_naming_the_field(tmp_path):
+    from raylign.cluster.pipeline import run_pipeline
+
+    (tmp_path / "a_file").write_text("not a directory")
+    config = pipeline(tmp_path, f"file://{tmp_path}/a_file/store")
+    with pytest.raises(ConfigError, match=f"storage = 'file://{tmp_path}/a_file/store' cannot be reached or written"):
+        run_pipeline(config)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["uri", "directory"])
+def test_stages_done_in_storage_are_skipped_and_later_stages_refer_to_storage(tmp_path, kind):
+    from raylign.cluster.pipeline import run_pipeline
+
+    root = f"file://{tmp_path}/store" if kind == "uri" else str(tmp_path / "store")
+    for name in ("sft", "rm"):
+        # Written by another node: its results name its own local directory, and where the artefact is stored.
+        upload_dir(make_stage_dir(tmp_path / "elsewhere" / name), storage.join(root, name))
+        results = json.loads((tmp_path / "store" / name / "results.json").read_text())
+        results["stored_artefact"] = storage.join(root, name)
+        (tmp_path / "store" / name / "results.json").write_text(json.dumps(results))
+
+    summary = run_pipeline(pipeline(tmp_path, root))
+
+    assert [row["status"] for row in summary["stages"]] == ["skipped", "skipped"]
+    assert [row["artefact"] for row in summary["stages"]] == [storage.join(root, "sft"), storage.join(root, "rm")]
+    assert not (tmp_path / "out" / "sft").exists()
+
+
+def test_an_evaluate_stage_gets_a_local_copy_of_each_rl_run_around_its_checkpoint(tmp_path):
+    from raylign.cluster.pipeline import local_artefacts
+
+    run = tmp_path / "out" / "ppo"
+    (run / "checkpoints" / "step_000002").mkdir(parents=True)
+    (run / "checkpoints" / "step_000002" / "driver_state.json").write_text('{"step": 2}')
+    (run / "config.yaml").write_text("model: {path: file:///store/sft}\n")
+    root = f"file://{tmp_path}/store"
+    upload_dir(run, f"{root}/ppo")
+    upload_dir(make_stage_dir(tmp_path / "out" / "sft"), f"{root}/sft")
+    config = pipeline(tmp_path, root)
+    artefacts = {"sft": f"{root}/sft", "ppo": f"{root}/ppo/checkpoints/step_000002"}
+
+    local = local_artefacts(config, artefacts, {"ppo"})
+
+    checkpoint = Path(local["ppo"])
+    assert checkpoint.name == "step_000002" and (checkpoint / "driver_state.json").is_file()
+    assert (checkpoint.parent.parent / "config.yaml").read_text() == "model: {path: file:///store/sft}\n"
+    assert local["sft"] == f"{root}/sft"  # not used by the stage: not downloaded
+    assert len(list(cache_dir().iterdir())) == 1
+
+
+# ----- end to end, on Ray -----
+
+
+@pytest.mark.slow
+def test_a_pipeline_with_storage_runs_each_stage_from_storage_alone_and_skips_both_on_rerun(ray_session, tmp_path, monkeypatch):
+    import torch
+
+    from raylign.cluster import pipeline as pipeline_module
+    from raylign.common.reward_models import load_reward_model
+
+    # The actors cache their downloads under their own $XDG_CACHE_HOME; the test removes what it added there.
+    if ACTORS_CACHE_HOME is None:
+        monkeypatch.delenv("XDG_CACHE_HOME")
+    else:
+        monkeypatch.setenv("XDG_CACHE_HOME", ACTORS_CACHE_HOME)
+    before = set(cache_dir().iterdir()) if cache_dir().is_dir() else set()
+    store = f"file://{tmp_path}/store"
+    config = pipeline(tmp_path, store)
+    uploaded = pipeline_module.store_stage
+
+    def store_then_forget(stage, stage_dir, stored, results):
+        # The next stage runs as if on another node: only storage holds this stage's output.
+        results = uploaded(stage, stage_dir, stored, results)
+        shutil.rmtree(stage_dir)
+        return results
+
+    monkeypatch.setattr(pipeline_module, "store_stage", store_then_forget)
+    try:
+        summary = pipeline_module.run_pipeline(config)
+
+        assert [row["status"] for row in summary["stages"]] == ["done", "done"]
+        assert [row["artefact"] for row in summary["stages"]] == [f"{store}/sft", f"{store}/rm"]
+        assert not (tmp_path / "out" / "sft").exists() and not (tmp_path / "out" / "rm").exists()
+        assert (tmp_path / "store" / "sft" / "model.safetensors").is_file()
+        # The RM stage trained on the SFT model it read from storage.
+        rm_stage = yaml.safe_load((tmp_path / "store" / "rm" / "stage.yaml").read_text())
+        assert rm_stage["model"]["path"] == f"{store}/sft"
+        stored = json.loads((tmp_path / "store" / "rm" / "results.json").read_text())
+        assert stored["stored_artefact"] == f"{store}/rm" and stored["steps"] == 3
+
+        reward_model = load_reward_model(f"{store}/rm", "scalar")
+        direct = load_reward_model(str(tmp_path / "store" / "rm"), "scalar")
+        texts = (["The movie was"] * 2, ["wonderful and fun.", "awful and dull."])
+        assert torch.allclose(torch.tensor(reward_model.score_prompt_completions(*texts)),
+                              torch.tensor(direct.score_prompt_completions(*texts)))
+
+        shutil.rmtree(tmp_path / "out")
+        again = pipeline_module.run_pipeline(config)
+        assert [row["status"] for row in again["stages"]] == ["skipped", "skipped"]
+        assert [row["artefact"] for row in again["stages"]] == [f"{store}/sft", f"{store}/rm"]
+    finally:
+        for entry in set(cache_dir().iterdir()) - before if cache_dir().is_dir() else ():
+            shutil.rmtree(entry, ignore_errors=True)
