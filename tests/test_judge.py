@@ -109,7 +109,8 @@ def vllm_server(tiny_model_dir, tmp_path_factory):
     """vLLM's OpenAI-compatible server on the tiny Llama, on loopback; always stopped at the end."""
     port = _free_port()
     log_path = Path(tmp_path_factory.mktemp("vllm-server")) / "server.log"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_NO_USAGE_STATS="1")
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_NO_USAGE_STATS="1",
+               VLLM_ENABLE_V1_MULTIPROCESSING="0")
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model_dir,
         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256", "--enforce-eager",
