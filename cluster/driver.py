@@ -198,62 +198,72 @@ def run_training(inputs: RunInputs, output_dir: Path, releases: list) -> dict:
         rollouts.publish(learners.publish())
         return next_step
 
+    def restarts() -> dict:
+        return {"rollout/restarts": rollouts.restarts, "reward/restarts": rewards.restarts,
+                "learner/restarts": learner_restarts}
+
+    def learn_and_log(step: int) -> dict:
+        """One training step with its validation and checkpoint, logged; returns its metrics."""
+        timer = PhaseTimer()
+        if config.train.grad_variance_every and step % config.train.grad_variance_every == 0:
+            measure_gradient_variance(config, learners.leader, rollouts, rewards, probe_sampler, step, output_dir)
+            timer.lap("grad_variance")
+        batch, learner_metrics = train_step(step, timer)
+        valid = batch.valid_samples
+        learner_seconds = learner_metrics.pop("learn_seconds")
+        metrics = {
+            "step": step,
+            "reward_mean": statistics.fmean(s.reward for s in valid),
+            "reward_std": statistics.pstdev(s.reward for s in valid),
+            **batch.reward_metrics,
+            **learner_metrics,
+            "time/learner_compute_s": learner_seconds,
+            **restarts(),
+            "rollout/staleness": learner_metrics["policy_version"] - 1 - min(s.policy_version for s in batch.samples),
+            "data/truncated_prompts": batch.truncated_prompts,
+        }
+        if evaluator.validation_due(step):
+            metrics.update(evaluator.validate(step, rollouts.current_update))
+            timer.lap("eval")
+        metrics.update({key: value for key, value in timer.metrics().items() if key != "time/wait_s"})
+        history.append(metrics)
+        logger.log_metrics(metrics)
+        logger.log_samples(step, batch.samples, config.logging.samples_per_step)
+        if config.train.checkpoint_every and (step + 1) % config.train.checkpoint_every == 0:
+            checkpoint(learners, rewards, output_dir, step, sampler, probe_sampler, evaluator, ahead)
+        return metrics
+
     run_start = time.perf_counter()
     step, learner_restarts = first_step, 0
+    final_checkpoint, test_metrics = None, None
     bar = ProgressBar(config.logging.progress, config.train.steps, first_step)
     try:
         if config.train.max_learner_restarts and resume is None:
             checkpoint(learners, rewards, output_dir, -1, sampler, probe_sampler, evaluator, ahead)  # step 0's state
-        while step < config.train.steps:
-            timer = PhaseTimer()
+        while test_metrics is None:
             try:
-                if config.train.grad_variance_every and step % config.train.grad_variance_every == 0:
-                    measure_gradient_variance(config, learners.leader, rollouts, rewards, probe_sampler, step, output_dir)
-                    timer.lap("grad_variance")
-                batch, learner_metrics = train_step(step, timer)
-                valid = batch.valid_samples
-                learner_seconds = learner_metrics.pop("learn_seconds")
-                metrics = {
-                    "step": step,
-                    "reward_mean": statistics.fmean(s.reward for s in valid),
-                    "reward_std": statistics.pstdev(s.reward for s in valid),
-                    **batch.reward_metrics,
-                    **learner_metrics,
-                    "time/learner_compute_s": learner_seconds,
-                    "rollout/restarts": rollouts.restarts,
-                    "reward/restarts": rewards.restarts,
-                    "learner/restarts": learner_restarts,
-                    "rollout/staleness": learner_metrics["policy_version"] - 1 - min(s.policy_version for s in batch.samples),
-                    "data/truncated_prompts": batch.truncated_prompts,
-                }
-                if evaluator.validation_due(step):
-                    metrics.update(evaluator.validate(step, rollouts.current_update))
-                    timer.lap("eval")
-                metrics.update({key: value for key, value in timer.metrics().items() if key != "time/wait_s"})
-                history.append(metrics)
-                logger.log_metrics(metrics)
-                logger.log_samples(step, batch.samples, config.logging.samples_per_step)
-                if config.train.checkpoint_every and (step + 1) % config.train.checkpoint_every == 0:
-                    checkpoint(learners, rewards, output_dir, step, sampler, probe_sampler, evaluator, ahead)
+                if step < config.train.steps:
+                    bar.advance(learn_and_log(step))
+                    step += 1
+                else:
+                    final_checkpoint = checkpoint(learners, rewards, output_dir, config.train.steps - 1, sampler,
+                                                  probe_sampler, evaluator, ahead)
+                    test_metrics = evaluator.test(rollouts.current_update)
             except ray.exceptions.RayActorError as error:
-                # A learner that dies in this step's update, evaluation or checkpoint: redo from the last one.
+                # A learner that dies in a step (update, evaluation, checkpoint) or in the final checkpoint or test
+                # evaluation: redo from the newest checkpoint (the final one, once written: nothing is retrained).
                 if learner_restarts >= config.train.max_learner_restarts or learners.alive():
                     raise
                 learner_restarts += 1
                 step = restart_learners(error)
                 bar.rewind(step)
-                continue
-            bar.advance(metrics)
-            step += 1
-        final_checkpoint = checkpoint(learners, rewards, output_dir, config.train.steps - 1, sampler, probe_sampler,
-                                      evaluator, ahead)
-        test_metrics = evaluator.test(rollouts.current_update)
     finally:
         bar.close()
         logger.close()
     results = summarise(history, time.perf_counter() - run_start, sft_metrics, final_checkpoint, output_dir)
     results["rollout_engine"] = engine.to_dict()
     results["prompts"] = encoder.summary()
+    results.update(restarts())  # the run's totals, a restart after the last step included
     results.update(test_metrics)
     results.update(evaluator.best_summary())
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))

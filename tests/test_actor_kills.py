@@ -1,5 +1,6 @@
 """SIGKILL of one actor's OS process (rollout, reward or learner) in the middle of a 60-step run: the run
-completes with steps 0..59 each trained once, and the restart is counted in metrics.jsonl."""
+completes with steps 0..59 each trained once, and the restart is counted in metrics.jsonl. A learner killed
+after the last step (in the final checkpoint or the test evaluation) is restarted too, in a 3-step run."""
 
 import functools
 import json
@@ -10,6 +11,7 @@ import time
 import pytest
 
 from raylign.cluster.driver import train
+from raylign.cluster.evaluation import Evaluator
 from raylign.cluster.learner_group import LearnerGroup
 from raylign.cluster.reward_pool import RewardPool
 from raylign.cluster.rollout_pool import RolloutPool
@@ -17,15 +19,21 @@ from raylign.common.config import load_config
 
 STEPS = 60
 KILL_STEP = 30  # the kill comes in the call that serves this step
+# After the last step: 3 steps, checkpoints of step 0's state, after step 1 and the final one, then the test
+# evaluation on 2 prompts x 2 samples.
+SHORT_STEPS = 3
+SHORT_RUN = (f"train.steps={SHORT_STEPS}", "train.checkpoint_every=2", "eval.run_test=true", "eval.test_samples=2",
+             "eval.samples_per_prompt=2")
 
 
-def run(model_dir, output_dir):
+def run(model_dir, output_dir, *overrides):
+    """The 60-step run; `overrides` (later ones win) change it."""
     return train(load_config("configs/quickstart.yaml", [
         f"model.path={model_dir}", f"output_dir={output_dir}", "sft.steps=0", "rollout.backend=hf",
         f"train.steps={STEPS}", "train.prompts_per_step=2", "rollout.samples_per_prompt=2",
         "rollout.max_new_tokens=4", "eval.every=0", "eval.run_test=false", "logging.progress=false",
         "logging.samples_per_step=0", "reward.normalize=running", "train.checkpoint_every=10",
-        "train.max_learner_restarts=1",
+        "train.max_learner_restarts=1", *overrides,
     ]))
 
 
@@ -39,8 +47,8 @@ def pid_of(actor):
     return ray.get(actor.__ray_call__.remote(lambda _: os.getpid()))
 
 
-def sigkill_at_call(monkeypatch, cls, method, actor_of, when):
-    """In call KILL_STEP (counting from 0) of cls.method, SIGKILL the process of `actor_of(self)`: 'before' the
+def sigkill_at_call(monkeypatch, cls, method, actor_of, when, call=KILL_STEP):
+    """In call `call` (counting from 0) of cls.method, SIGKILL the process of `actor_of(self)`: 'before' the
     call, 'after' it returned (start_train_step returns with the update on its way to the learner), or at the
     call's first ray.wait ('at_wait': the rollout pool waits right after handing out its work)."""
     import ray
@@ -50,7 +58,7 @@ def sigkill_at_call(monkeypatch, cls, method, actor_of, when):
 
     def patched(self, *args, **kwargs):
         calls.append(1)
-        if len(calls) != KILL_STEP + 1:
+        if len(calls) != call + 1:
             return original(self, *args, **kwargs)
         kill = functools.partial(os.kill, pid_of(actor_of(self)), signal.SIGKILL)  # asked before the call queues
         if when == "before":
@@ -78,20 +86,20 @@ def uninterrupted(tiny_model_dir, ray_session, tmp_path_factory):
     return metrics(output_dir)
 
 
-def assert_every_step_trained_once(got):
-    assert [m["step"] for m in got] == list(range(STEPS))
+def assert_every_step_trained_once(got, steps=STEPS):
+    assert [m["step"] for m in got] == list(range(steps))
     # One optimizer step per training step: the learner's version counts them, and every batch was sampled
     # from the adapter published just before it (a rollout that lost its adapter would show here or trip the
     # sync guard).
-    assert [m["policy_version"] for m in got] == list(range(1, STEPS + 1))
+    assert [m["policy_version"] for m in got] == list(range(1, steps + 1))
     assert all(m["rollout/staleness"] == 0 for m in got)
 
 
-def restarts_from(got, key):
+def restarts_from(got, key, steps=STEPS):
     """The step from which `key` reads 1, checking it read 0 before and 1 after."""
     values = [m[key] for m in got]
     first = values.index(1)
-    assert values == [0] * first + [1] * (STEPS - first), key
+    assert values == [0] * first + [1] * (steps - first), key
     return first
 
 
@@ -130,6 +138,61 @@ def test_a_sigkilled_learner_is_restarted_from_its_checkpoint_and_no_step_is_tra
     assert len(launches) == STEPS + 1
     assert restarts_from(got, "learner/restarts") == KILL_STEP
     assert all(m["rollout/restarts"] == 0 and m["reward/restarts"] == 0 for m in got)
+
+
+def count_calls(monkeypatch, cls, method):
+    original, calls = getattr(cls, method), []
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, method, counted)
+    return calls
+
+
+def assert_tested_once_with_the_final_adapter(results, output_dir):
+    assert results["final_checkpoint"] == str(output_dir / "checkpoints" / f"step_{SHORT_STEPS:06d}")
+    assert results["test/prompts"] == 2 and results["test/adapter"] == "last"
+    assert results["test/kl"] >= 0 and "test/reward_mean" in results
+    # Only the evaluation that finished wrote its samples.
+    assert len((output_dir / "test_samples.jsonl").read_text().splitlines()) == 2 * 2
+    assert results["learner/restarts"] == 1
+    assert results["rollout/restarts"] == results["reward/restarts"] == 0
+
+
+@pytest.mark.slow
+def test_a_learner_killed_in_the_final_checkpoint_restarts_from_the_one_before_and_redoes_the_steps_since(
+        tiny_model_dir, ray_session, tmp_path, monkeypatch):
+    # Killed just before the final checkpoint (the third save) reaches it.
+    saves = sigkill_at_call(monkeypatch, LearnerGroup, "save_checkpoint", lambda group: group.leader, "before", call=2)
+    launches = count_calls(monkeypatch, LearnerGroup, "start_train_step")
+    results = run(tiny_model_dir, tmp_path, *SHORT_RUN)
+    got = metrics(tmp_path)
+    assert results["steps"] == SHORT_STEPS
+    assert_every_step_trained_once(got, SHORT_STEPS)
+    # Step 2 is redone from the checkpoint written after step 1, and the final checkpoint is written again.
+    assert restarts_from(got, "learner/restarts", SHORT_STEPS) == 2
+    assert len(launches) == SHORT_STEPS + 1
+    assert len(saves) == 4
+    assert_tested_once_with_the_final_adapter(results, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_learner_killed_in_the_test_evaluation_restarts_from_the_final_checkpoint_and_retrains_nothing(
+        tiny_model_dir, ray_session, tmp_path, monkeypatch):
+    # Killed as the test evaluation starts generating: its KL pass on the learner fails.
+    evaluations = sigkill_at_call(monkeypatch, Evaluator, "_evaluate", lambda evaluator: evaluator.learner, "before",
+                                  call=0)
+    launches = count_calls(monkeypatch, LearnerGroup, "start_train_step")
+    results = run(tiny_model_dir, tmp_path, *SHORT_RUN)
+    got = metrics(tmp_path)
+    assert results["steps"] == SHORT_STEPS
+    assert_every_step_trained_once(got, SHORT_STEPS)
+    assert len(launches) == SHORT_STEPS
+    assert all(m["learner/restarts"] == 0 for m in got)  # no step was logged after the restart
+    assert len(evaluations) == 2
+    assert_tested_once_with_the_final_adapter(results, tmp_path)
 
 
 def sigkill_and_wait_for_its_restart(actor):
