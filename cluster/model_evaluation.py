@@ -26,6 +26,7 @@ from pathlib import Path
 import ray
 import yaml
 
+from raylign.cluster.console import actor_log_dir, remote_actor
 from raylign.cluster.driver import user_errors
 from raylign.cluster.evaluation import EVAL_SEED_OFFSET
 from raylign.cluster.placement import with_threads
@@ -225,14 +226,15 @@ def prompt_items(encoder: PromptEncoder, texts: list[str], split: str, seed: int
 # ----- the evaluation -----
 
 
-def pool_config(config: EvaluateConfig, base: str, lora_rank: int) -> RunConfig:
-    """The run config the rollout and reward pools read (model, data, rollout, reward, seed, cluster)."""
+def pool_config(config: EvaluateConfig, base: str, lora_rank: int, verbose: bool = False) -> RunConfig:
+    """The run config the rollout and reward pools read (model, data, rollout, reward, seed, cluster, and
+    logging.verbose: whether the actors' output stays with Ray instead of going to output_dir/logs/)."""
     return with_threads(RunConfig(
         output_dir=config.output_dir, seed=config.seed, model={"path": base, "dtype": config.dtype, "lora": {"r": lora_rank}},
         data=config.data.model_dump(), rollout=config.rollout, reward=config.reward,
         # The algorithm is never run; REINFORCE accepts any samples_per_prompt.
         algorithm={"name": "reinforce"}, train={"num_cpus": config.scorer.num_cpus, "num_gpus": config.scorer.num_gpus},
-        cluster=config.cluster, logging={"progress": False},
+        cluster=config.cluster, logging={"progress": False, "verbose": verbose},
     ))
 
 
@@ -267,8 +269,10 @@ def rollout_groups(instances: list[ModelInstance]) -> list[tuple[tuple, list[Mod
     return [(key[:2], members, templates.get(key)) for key, members in groups.items()]
 
 
-def evaluate(config: EvaluateConfig) -> dict:
-    """Evaluate every model; writes the outputs into config.output_dir and returns what evaluation.json holds."""
+def evaluate(config: EvaluateConfig, verbose: bool = False) -> dict:
+    """Evaluate every model; writes the outputs into config.output_dir and returns what evaluation.json holds.
+    The actors write their output to output_dir/logs/<role>.log (rollout, reward, scorer), as a run's do;
+    `verbose` leaves it to Ray (on the console when Ray forwards worker output)."""
     from raylign.cluster.evaluation_report import write_outputs
 
     start = time.perf_counter()
@@ -283,9 +287,12 @@ def evaluate(config: EvaluateConfig) -> dict:
         comparability = check_models_comparable(instances, config)
         prompts = load_prompts(config, out / "data", instances)
     reference = next((i for i in instances if i.name == config.reference), None)
-    start_ray(pool_config(config, instances[0].base, 8))
-    rewards = RewardPool(pool_config(config, instances[0].base, 8).reward)
-    scorer = ray.remote(SequenceScorer).options(num_cpus=config.scorer.num_cpus, num_gpus=config.scorer.num_gpus).remote(
+    first = pool_config(config, instances[0].base, 8, verbose)
+    start_ray(first)
+    log_dir = actor_log_dir(first)
+    rewards = RewardPool(first.reward, log_dir=log_dir)
+    scorer = remote_actor(SequenceScorer, "scorer", log_dir).options(
+        num_cpus=config.scorer.num_cpus, num_gpus=config.scorer.num_gpus).remote(
         None if reference is None else reference.base, None if reference is None else reference.adapter, config.dtype,
         "cuda" if config.scorer.num_gpus > 0 else "cpu", config.scorer.threads, config.scorer.batch_size)
     rollout = config.rollout
@@ -298,7 +305,7 @@ def evaluate(config: EvaluateConfig) -> dict:
     try:
         version = 0
         for (base, shape), members, zero_like in rollout_groups(instances):
-            run = pool_config(config, base, shape[0] if shape else 8)
+            run = pool_config(config, base, shape[0] if shape else 8, verbose)
             encoder = PromptEncoder(run, base)
             items = prompt_items(encoder, prompts.texts, config.data.split, config.seed)
             pool = RolloutPool(run, base, max_model_len=encoder.max_model_len())

@@ -354,19 +354,27 @@ def test_raylign_evaluate_compares_a_run_with_the_model_it_started_from(warm_mod
         "train.prompts_per_step=4", "eval.every=2", "eval.val_samples=4", "eval.test_samples=4",
         "eval.samples_per_prompt=2", "logging.progress=false"]))
     models = f"models=[{{name: sft, path: {warm_model_dir}}}, {{name: grpo, path: {run}, checkpoint: best}}]"
+    # On the config's own engine, vLLM: the SFT model rides a zero adapter, the GRPO policy its best adapter.
     assert main(["evaluate", "configs/evaluate_quickstart.yaml", f"output_dir={tmp_path / 'eval'}", models,
-                 "rollout.backend=hf", "data.max_prompts=6"]) == 0
+                 "data.max_prompts=6"]) == 0
     assert "evaluation.md" in capsys.readouterr().out
     evaluation = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     sft, grpo = (evaluation["models"][name]["runs"][0] for name in ("sft", "grpo"))
     assert grpo["adapter"] == str(run / "checkpoints" / "best" / "adapter") and grpo["base"] == warm_model_dir
     assert sft["metrics"]["kl"] == pytest.approx(0.0, abs=1e-6) and grpo["metrics"]["kl"] > 0
+    assert sft["rollout_engine"]["backend"] == grpo["rollout_engine"]["backend"] == "vllm"
+    # The scorer's logprobs of vLLM's tokens are vLLM's own: the engine sampled the model that was scored.
     assert max(sft["metrics"]["logprob_gap"], grpo["metrics"]["logprob_gap"]) < 1e-4
     assert evaluation["prompts"] == {"source": "builtin:movie-reviews", "split": "test", "count": 6,
                                      "samples_per_prompt": 4, "categories": []}
     assert {"pass@1", "pass@4", "distinct_2", "self_bleu"} <= set(grpo["metrics"])
     samples = [json.loads(line) for line in (tmp_path / "eval" / "grpo_samples.jsonl").read_text().splitlines()]
     assert len(samples) == 24 and all(set(s["rewards"]) == {"vader_sentiment"} for s in samples)
+    # Each actor's output is in the evaluation's logs/, as a run's is (one rollout group: both share a base).
+    logs = tmp_path / "eval" / "logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["reward.log", "rollout.log", "scorer.log"]
+    for role, actor in (("reward", "RewardWorker"), ("rollout", "RolloutWorker"), ("scorer", "SequenceScorer")):
+        assert (logs / f"{role}.log").read_text().startswith(f"---- {actor} (pid "), role
 
 
 def test_rl_runs_compared_by_an_evaluation_must_have_run_the_same_experiment(tmp_path, twin_dirs):
