@@ -1,5 +1,6 @@
-"""SIGKILL of one actor's OS process (rollout, reward or learner) in the middle of a 60-step run: the run
-completes with steps 0..59 each trained once, and the restart is counted in metrics.jsonl. A learner killed
+"""SIGKILL of an actor's OS process (rollout, reward or learner) in the middle of a 60-step run (the rollout
+actor at step 20 and the reward actor at step 40 of one run; the learner at step 30 of another): the run
+completes with steps 0..59 each trained once, and each restart is counted in metrics.jsonl. A learner killed
 after the last step (in the final checkpoint or the test evaluation) is restarted too, in a 3-step run."""
 
 import functools
@@ -103,23 +104,25 @@ def restarts_from(got, key, steps=STEPS):
     return first
 
 
+ROLLOUT_KILL_STEP, REWARD_KILL_STEP = 20, 40  # one run, each kill in the middle of its own stretch
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("role", ["rollout", "reward"])
-def test_a_sigkilled_rollout_or_reward_actor_is_restarted_and_the_run_ends_as_if_uninterrupted(
-        role, tiny_model_dir, ray_session, uninterrupted, tmp_path, monkeypatch):
-    if role == "rollout":  # killed while it generates step 30's samples
-        sigkill_at_call(monkeypatch, RolloutPool, "generate", lambda pool: pool.workers[0], "at_wait")
-    else:  # killed just before step 30's batch reaches it
-        sigkill_at_call(monkeypatch, RewardPool, "score_batch", lambda pool: pool.workers[0], "before")
+def test_a_sigkilled_rollout_actor_and_later_a_sigkilled_reward_actor_are_restarted_and_the_run_ends_as_if_uninterrupted(
+        tiny_model_dir, ray_session, uninterrupted, tmp_path, monkeypatch):
+    # The rollout actor killed while it generates step 20's samples; the reward actor just before step 40's
+    # batch reaches it.
+    sigkill_at_call(monkeypatch, RolloutPool, "generate", lambda pool: pool.workers[0], "at_wait", ROLLOUT_KILL_STEP)
+    sigkill_at_call(monkeypatch, RewardPool, "score_batch", lambda pool: pool.workers[0], "before", REWARD_KILL_STEP)
     results = run(tiny_model_dir, tmp_path)
     got = metrics(tmp_path)
     assert results["steps"] == STEPS
     assert_every_step_trained_once(got)
-    assert restarts_from(got, f"{role}/restarts") == KILL_STEP
-    other = "reward" if role == "rollout" else "rollout"
-    assert all(m[f"{other}/restarts"] == 0 and m["learner/restarts"] == 0 for m in got)
+    assert restarts_from(got, "rollout/restarts") == ROLLOUT_KILL_STEP
+    assert restarts_from(got, "reward/restarts") == REWARD_KILL_STEP
+    assert all(m["learner/restarts"] == 0 for m in got)
     # The lost work was redone with the same adapter, seeds and reward statistics: the same numbers.
-    for before, after in zip(uninterrupted, got):
+    for before, after in zip(uninterrupted, got, strict=True):
         assert after["reward_mean"] == before["reward_mean"]
         for key in ("loss", "kl", "grad_norm", "reward/running_mean"):
             assert after[key] == pytest.approx(before[key], rel=1e-4, abs=1e-7), key
