@@ -1,7 +1,7 @@
 """SIGKILL of an actor's OS process (rollout, reward or learner) in the middle of a 60-step run (the rollout
 actor at step 20 and the reward actor at step 40 of one run; the learner at step 30 of another): the run
 completes with steps 0..59 each trained once, and each restart is counted in metrics.jsonl. A learner killed
-after the last step (in the final checkpoint or the test evaluation) is restarted too, in a 3-step run."""
+after the last step (in the final checkpoint, then in the test evaluation) is restarted too, in a 3-step run."""
 
 import functools
 import json
@@ -20,8 +20,8 @@ from raylign.common.config import load_config
 
 STEPS = 60
 KILL_STEP = 30  # the kill comes in the call that serves this step
-# After the last step: 3 steps, checkpoints of step 0's state, after step 1 and the final one, then the test
-# evaluation on 2 prompts x 2 samples.
+# Kills after the last step: 3 steps, checkpoints of step 0's state, after step 1 and the final one, then the
+# test evaluation on 2 prompts x 2 samples.
 SHORT_STEPS = 3
 SHORT_RUN = (f"train.steps={SHORT_STEPS}", "train.checkpoint_every=2", "eval.run_test=true", "eval.test_samples=2",
              "eval.samples_per_prompt=2")
@@ -154,48 +154,32 @@ def count_calls(monkeypatch, cls, method):
     return calls
 
 
-def assert_tested_once_with_the_final_adapter(results, output_dir):
-    assert results["final_checkpoint"] == str(output_dir / "checkpoints" / f"step_{SHORT_STEPS:06d}")
-    assert results["test/prompts"] == 2 and results["test/adapter"] == "last"
-    assert results["test/kl"] >= 0 and "test/reward_mean" in results
-    # Only the evaluation that finished wrote its samples.
-    assert len((output_dir / "test_samples.jsonl").read_text().splitlines()) == 2 * 2
-    assert results["learner/restarts"] == 1
-    assert results["rollout/restarts"] == results["reward/restarts"] == 0
-
-
 @pytest.mark.slow
-def test_a_learner_killed_in_the_final_checkpoint_restarts_from_the_one_before_and_redoes_the_steps_since(
+def test_a_learner_killed_in_the_final_checkpoint_and_again_in_the_test_evaluation_is_restarted_each_time(
         tiny_model_dir, ray_session, tmp_path, monkeypatch):
-    # Killed just before the final checkpoint (the third save) reaches it.
+    """One run, two kills after the last step: the learner just before the final checkpoint (the third save)
+    reaches it, so the replacement starts from the checkpoint after step 1 and redoes step 2; then that
+    replacement as the test evaluation starts generating (its KL pass on the learner fails), after it wrote
+    the final checkpoint, so the next one starts from that and retrains nothing."""
     saves = sigkill_at_call(monkeypatch, LearnerGroup, "save_checkpoint", lambda group: group.leader, "before", call=2)
-    launches = count_calls(monkeypatch, LearnerGroup, "start_train_step")
-    results = run(tiny_model_dir, tmp_path, *SHORT_RUN)
-    got = metrics(tmp_path)
-    assert results["steps"] == SHORT_STEPS
-    assert_every_step_trained_once(got, SHORT_STEPS)
-    # Step 2 is redone from the checkpoint written after step 1, and the final checkpoint is written again.
-    assert restarts_from(got, "learner/restarts", SHORT_STEPS) == 2
-    assert len(launches) == SHORT_STEPS + 1
-    assert len(saves) == 4
-    assert_tested_once_with_the_final_adapter(results, tmp_path)
-
-
-@pytest.mark.slow
-def test_a_learner_killed_in_the_test_evaluation_restarts_from_the_final_checkpoint_and_retrains_nothing(
-        tiny_model_dir, ray_session, tmp_path, monkeypatch):
-    # Killed as the test evaluation starts generating: its KL pass on the learner fails.
     evaluations = sigkill_at_call(monkeypatch, Evaluator, "_evaluate", lambda evaluator: evaluator.learner, "before",
                                   call=0)
     launches = count_calls(monkeypatch, LearnerGroup, "start_train_step")
-    results = run(tiny_model_dir, tmp_path, *SHORT_RUN)
+    results = run(tiny_model_dir, tmp_path, *SHORT_RUN, "train.max_learner_restarts=2")
     got = metrics(tmp_path)
     assert results["steps"] == SHORT_STEPS
     assert_every_step_trained_once(got, SHORT_STEPS)
-    assert len(launches) == SHORT_STEPS
-    assert all(m["learner/restarts"] == 0 for m in got)  # no step was logged after the restart
+    assert restarts_from(got, "learner/restarts", SHORT_STEPS) == 2  # step 2, logged after the first restart
+    assert len(launches) == SHORT_STEPS + 1  # step 2 twice, nothing after the second restart
+    assert len(saves) == 5  # step 0's state, after step 1, then the final checkpoint once per learner group
     assert len(evaluations) == 2
-    assert_tested_once_with_the_final_adapter(results, tmp_path)
+    assert results["learner/restarts"] == 2
+    assert results["rollout/restarts"] == results["reward/restarts"] == 0
+    # The test evaluation that finished used the final adapter and alone wrote its samples.
+    assert results["final_checkpoint"] == str(tmp_path / "checkpoints" / f"step_{SHORT_STEPS:06d}")
+    assert results["test/prompts"] == 2 and results["test/adapter"] == "last" and results["test/invalid_count"] == 0
+    assert results["test/kl"] >= 0 and "test/reward_mean" in results
+    assert len((tmp_path / "test_samples.jsonl").read_text().splitlines()) == 2 * 2
 
 
 def sigkill_and_wait_for_its_restart(actor):
