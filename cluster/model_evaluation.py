@@ -109,7 +109,9 @@ def _run_checkpoint(run_dir: Path, which: str, field: str) -> Path:
         return best
     results = run_dir / "results.json"
     if results.is_file() and json.loads(results.read_text()).get("final_checkpoint"):
-        return Path(json.loads(results.read_text())["final_checkpoint"])
+        # By name inside this run directory: the recorded path is where the run was written (another node's
+        # output_dir, for a run read back from a pipeline's storage).
+        return run_dir / "checkpoints" / Path(json.loads(results.read_text())["final_checkpoint"]).name
     steps = sorted((run_dir / "checkpoints").glob("step_*"))
     if not steps:
         raise ValueError(f"{field}: the run {run_dir} has no checkpoint; did it finish?")

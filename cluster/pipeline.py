@@ -123,7 +123,7 @@ def run_stage(stage: Stage, stage_dir: Path, config: PipelineConfig, artefacts: 
         from raylign.cluster.model_evaluation import evaluate
 
         local = local_artefacts(config, artefacts, referenced_stages(stage.reference_fields()))
-        return evaluate(stage.evaluate_config(str(stage_dir), config.seed, config.cluster, local))
+        return evaluate(stage.evaluate_config(str(stage_dir), config.seed, config.cluster, local), verbose=config.verbose)
     from raylign.learner.offline_jobs import OfflineTrainer
 
     resolved = resolve_stage(stage, artefacts)
