@@ -112,7 +112,7 @@ def run_training(inputs: RunInputs, output_dir: Path, releases: list) -> dict:
     # The actors start side by side (each spends seconds importing its libraries and loading its model): the
     # reward actors at once, the rollout actors as soon as the model they sample exists, while the learner
     # loads. Only rollout actors that may share a GPU with the learner wait for it, so that vLLM's memory
-    # profile sees the learner's weights.
+    # profile sees the learner's weights and adapter.
     rewards = RewardPool(config.reward, log_dir=actor_log_dir(config))
     releases.append(rewards.release)
     learners = LearnerGroup(config, model_path)
@@ -120,11 +120,13 @@ def run_training(inputs: RunInputs, output_dir: Path, releases: list) -> dict:
     sft_metrics = {}
     if config.sft.steps > 0 and resume is None:
         model_path, sft_metrics = warm_start(config, learners, output_dir)
-    if may_share_a_gpu(config):
-        learners.wait_until_loaded()
+    shared_gpu = may_share_a_gpu(config)
+    if shared_gpu:  # everything the learner puts on the GPU (GRADE's reward model too) is there before vLLM starts
+        learners.attach_lora()
     rollouts = RolloutPool(config, model_path, max_model_len=encoder.max_model_len())
     releases.append(rollouts.release)
-    learners.attach_lora()
+    if not shared_gpu:
+        learners.attach_lora()
     evaluator = Evaluator(config, output_dir, rollouts, rewards, learners.leader, eval_prompts)
     history: list[dict] = []
     first_step = 0

@@ -112,8 +112,9 @@ class Evaluator:
     def restore_best(self, reward: float | None, step: int | None) -> None:
         """After a resume: the best validation result so far. Its adapter is on disk in
         checkpoints/best, so a 'best' test evaluation then uses the last adapter unless a
-        better one turns up."""
-        self.best_reward, self.best_step = reward, step
+        better one turns up. An adapter held from before a learner restart is forgotten: it may come from a
+        step the restart discarded."""
+        self.best_reward, self.best_step, self.best_policy = reward, step, None
 
     def best_summary(self) -> dict:
         return {} if self.best_reward is None else {"best_val_reward": self.best_reward, "best_val_step": self.best_step}

@@ -34,10 +34,6 @@ class LearnerGroup:
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             return False
 
-    def wait_until_loaded(self) -> None:
-        """Return once every rank has built itself (its model is loaded)."""
-        ray.get([actor.__ray_ready__.remote() for actor in self.actors])
-
     def release(self) -> None:
         """Stop the ranks and free their placement group (once; later calls do nothing)."""
         if self.placement is None:

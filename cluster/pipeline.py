@@ -41,7 +41,7 @@ from raylign.common.pipeline_config import (
     referenced_stages,
     resolve_stage,
 )
-from raylign.common.storage import StorageError, check_reachable, join, local_copy, read_text, upload_dir
+from raylign.common.storage import StorageError, check_reachable, forget_done, join, local_copy, read_text, upload_dir
 
 SUMMARY = "pipeline.json"
 STAGE_MARKER = ".pipeline-stage"
@@ -88,6 +88,8 @@ def run_pipeline(config: PipelineConfig, force: bool | Iterable[str] = False) ->
         stage_start = time.perf_counter()
         try:
             clear_stage_dir(stage_dir)
+            if stored is not None:
+                forget_done(stored)
             results = run_stage(stage, stage_dir, config, artefacts)
             if stored is not None:
                 results = store_stage(stage, stage_dir, stored, results)

@@ -97,11 +97,19 @@ def registry_cache_path() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "raylign" / "vllm_registry.json"
 
 
+# Bump when query_vllm_registry's answer changes shape or meaning: older cached answers are then asked again.
+PROBE_FORMAT = 1
+
+
 def installed_vllm() -> str:
-    """What identifies this installation of vLLM: where its package is and when it was written (a reinstall,
-    even of the same version or of the other build, changes it)."""
+    """What the answers depend on: where vLLM's package is and when it was written (a reinstall, even of the
+    same version or of the other build, changes it), the transformers and torch it resolves model classes
+    with, and the probe's own format."""
+    import importlib.metadata as metadata
+
     origin = importlib.util.find_spec("vllm").origin
-    return f"{origin}@{os.stat(origin).st_mtime_ns}"
+    libraries = ",".join(f"{name}={metadata.version(name)}" for name in ("transformers", "torch"))
+    return f"{origin}@{os.stat(origin).st_mtime_ns};{libraries};probe={PROBE_FORMAT}"
 
 
 def read_registry_cache(installation: str) -> dict:
@@ -110,7 +118,9 @@ def read_registry_cache(installation: str) -> dict:
         cache = json.loads(registry_cache_path().read_text())
     except (OSError, ValueError):  # no cache yet, or an unreadable one: ask vLLM again
         return {}
-    return dict(cache.get("answers", {})) if cache.get("installation") == installation else {}
+    if not isinstance(cache, dict) or cache.get("installation") != installation or not isinstance(cache.get("answers"), dict):
+        return {}  # another installation's answers, or not a cache this module wrote
+    return dict(cache["answers"])
 
 
 def write_registry_cache(installation: str, answers: dict) -> None:

@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from raylign.common.builtin_preferences import BUILTIN_DATASETS
 from raylign.common.config import (
@@ -55,7 +56,7 @@ from raylign.common.config import (
 from raylign.common.evaluate_config import EvaluateConfig, EvaluationSpec
 from raylign.common.model_checks import check_has_tokenizer
 from raylign.common.preference_data import resolve_format
-from raylign.common.storage import check_location
+from raylign.common.storage import check_location, is_uri, local_directory
 
 STAGE_KINDS = ("sft", "reward_model", "dpo", "train", "evaluate", "report")
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -446,10 +447,26 @@ class PipelineConfig(Section):
             data = {**data, "stages": [_restore_references(stage, parent_is_stage=True) for stage in data["stages"]]}
         return data
 
+    @field_validator("storage")
+    @classmethod
+    def _absolute_storage(cls, value: str | None) -> str | None:
+        # Recorded in every stage's results: absolute, so actors and later runs elsewhere read the same place.
+        if value is None or is_uri(value) or not value.strip():
+            return value
+        return str(Path(value).expanduser().resolve())
+
     @model_validator(mode="after")
     def _storage_scheme(self) -> "PipelineConfig":
-        if self.storage is not None:
-            check_location(self.storage, field="storage")
+        if self.storage is None:
+            return self
+        check_location(self.storage, field="storage")
+        store, output = local_directory(self.storage), Path(self.output_dir).expanduser().resolve()
+        if store is not None and (store == output or store in output.parents or output in store.parents):
+            raise ValueError(
+                f"storage = '{self.storage}' overlaps output_dir = '{self.output_dir}': each stage runs in "
+                "output_dir/<stage> and is then uploaded to <storage>/<stage>, so they must be separate directories; "
+                "point storage elsewhere, or leave it unset (artefacts then stay in output_dir)"
+            )
         return self
 
     @model_validator(mode="after")

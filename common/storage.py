@@ -167,3 +167,23 @@ def read_text(location: str) -> str | None:
         return None
     with fs.open_input_stream(path) as stream:
         return stream.read().decode()
+
+
+def forget_done(location: str) -> None:
+    """Remove the results.json of a stage in storage, so a stage that starts again counts as not done until it
+    is uploaded again (a forced re-run that fails must not leave the old one looking finished)."""
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(location)
+    done = "/".join([root.rstrip("/"), DONE_FILE])
+    if fs.get_file_info(done).type != pafs.FileType.NotFound:
+        fs.delete_file(done)
+
+
+def local_directory(location: str) -> Path | None:
+    """The local directory a plain path or a file:// URI names; None for a remote URI."""
+    if not is_uri(location):
+        return Path(location).expanduser().resolve()
+    if location.lower().startswith("file://"):
+        return Path(location[len("file://"):]).expanduser().resolve()
+    return None

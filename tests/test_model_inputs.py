@@ -184,10 +184,11 @@ def test_vllms_answers_are_kept_per_installation_and_asked_again_only_for_what_i
     monkeypatch.setattr(engine_support, "installed_vllm", lambda: "vllm/__init__.py@2")
     engine_support.ask_vllm("GPT2LMHeadModel")
     assert probed[-1] == ["GPT2LMHeadModel"]
-    # An unreadable cache is asked again too, never a crash.
-    engine_support.registry_cache_path().write_text("{not json")
-    engine_support.ask_vllm("LlamaForCausalLM")
-    assert probed[-1] == ["LlamaForCausalLM"]
+    # An unreadable cache, or one that is not this module's, is asked again too, never a crash.
+    for text in ("{not json", "null", '{"installation": "vllm/__init__.py@2", "answers": []}'):
+        engine_support.registry_cache_path().write_text(text)
+        engine_support.ask_vllm("LlamaForCausalLM")
+        assert probed[-1] == ["LlamaForCausalLM"]
 
 
 @pytest.mark.slow

@@ -222,6 +222,29 @@ def test_unreachable_storage_fails_before_any_stage_naming_the_field(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("root", ["out", "out/store", ".", "file://{tmp}/out"])
+def test_storage_overlapping_output_dir_is_refused_since_uploading_would_empty_the_stage(tmp_path, root):
+    with pytest.raises(ConfigError, match=r"storage = '.*' overlaps output_dir = .*must be separate directories"):
+        pipeline(tmp_path, root.format(tmp=tmp_path) if root.startswith("file") else str(tmp_path / root))
+
+
+def test_a_relative_storage_directory_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert pipeline(tmp_path, "shared/store").storage == str(tmp_path / "shared" / "store")
+
+
+def test_a_stage_that_starts_again_is_not_done_in_storage_until_it_is_uploaded_again(tmp_path):
+    from raylign.cluster.pipeline import PipelineError, run_pipeline
+
+    root = f"file://{tmp_path}/store"
+    upload_dir(make_stage_dir(tmp_path / "elsewhere" / "sft"), storage.join(root, "sft"))
+    config = pipeline(tmp_path, root, [f"stages.sft.data.source={tmp_path}/missing.jsonl"])
+    with pytest.raises(PipelineError, match="stage 'sft' \\(sft\\) failed"):
+        run_pipeline(config, force=["sft"])
+    # The failed forced re-run left no results.json behind: the next run does not take the old one for finished.
+    assert not (tmp_path / "store" / "sft" / "results.json").exists()
+
+
 @pytest.mark.parametrize("kind", ["uri", "directory"])
 def test_stages_done_in_storage_are_skipped_and_later_stages_refer_to_storage(tmp_path, kind):
     from raylign.cluster.pipeline import run_pipeline
