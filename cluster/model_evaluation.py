@@ -50,6 +50,7 @@ from raylign.common.config import (
 from raylign.common.data import BUILTIN_REVIEWS, load_text_column, write_builtin_reviews
 from raylign.common.eval_metrics import evaluation_metrics, sequence_kl
 from raylign.common.evaluate_config import EvalModelConfig, EvaluateConfig
+from raylign.common.storage import local_copy
 from raylign.common.tiny_model import resolve_builtin_model
 from raylign.common.types import PromptItem, Sample, SamplingSettings
 from raylign.learner.sequence_scorer import SequenceScorer
@@ -144,10 +145,11 @@ def resolve_models(entry: EvalModelConfig, seeds: list[int] | None, build_dir: P
     check_model_path(entry.path, f"{field}.path")
     if entry.checkpoint == "best":
         raise ValueError(f"{field}.checkpoint = 'best' applies to RL runs; '{entry.path}' is a model")
-    if entry.adapter is not None and not (Path(entry.adapter) / "adapter_config.json").is_file():
+    adapter = None if entry.adapter is None else local_copy(entry.adapter)  # an adapter in storage: this node's copy
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise ValueError(f"{field}.adapter = '{entry.adapter}' holds no adapter_config.json; give a PEFT LoRA adapter directory")
     base = resolve_builtin_model(entry.path, build_dir / entry.name, build_seed)
-    return [ModelInstance(entry.name, None, base, entry.adapter)]
+    return [ModelInstance(entry.name, None, base, adapter)]
 
 
 def check_models_comparable(instances: list[ModelInstance], config: EvaluateConfig):
@@ -195,7 +197,7 @@ def check_held_out(config: EvaluateConfig, texts: list[str], data_dir: Path, ins
     import datasets
 
     data, wanted = config.data, set(texts)
-    source = str(write_builtin_reviews(data_dir)["prompts"]) if data.prompts == BUILTIN_REVIEWS else data.prompts
+    source = str(write_builtin_reviews(data_dir)["prompts"]) if data.prompts == BUILTIN_REVIEWS else local_copy(data.prompts)
     if source.endswith((".json", ".jsonl")):
         rows = datasets.load_dataset("json", data_files=source, split="train")
         if "split" in rows.column_names:

@@ -339,3 +339,17 @@ def test_a_pipeline_with_storage_runs_each_stage_from_storage_alone_and_skips_bo
     finally:
         for entry in set(cache_dir().iterdir()) - before if cache_dir().is_dir() else ():
             shutil.rmtree(entry, ignore_errors=True)
+
+
+def test_raylign_evaluate_reads_an_adapter_in_storage_through_a_local_copy(tmp_path, twin_dirs):
+    from raylign.cluster.model_evaluation import resolve_models
+    from raylign.common.evaluate_config import EvalModelConfig
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}))
+    upload_dir(adapter, f"file://{tmp_path}/store/adapter")
+    entry = EvalModelConfig(name="policy", path=twin_dirs["llama"], adapter=f"file://{tmp_path}/store/adapter")
+    (instance,) = resolve_models(entry, None, tmp_path / "build", 0)
+    assert instance.adapter == str(storage.cache_dir() / Path(instance.adapter).parent.name / "adapter")
+    assert json.loads((Path(instance.adapter) / "adapter_config.json").read_text())["r"] == 8
