@@ -48,11 +48,12 @@ def test_grpo_raises_reward_on_every_twin_with_the_transformers_engine(family, w
     # GPT-2 keeps the quickstart's rollout.backend=vllm: vLLM has no LoRA for it, so start-up falls back.
     backend = [] if family == "gpt2" else ["rollout.backend=hf"]
     # Plain prompts, as the twins were warm-started on plain text; the chat template is exercised on vLLM below.
-    metrics, results = run(tmp_path, warm_twin(family), "train.steps=20", "train.learning_rate=4e-3",
+    # 14 steps: measured at 20, every twin's rise over the first 14 was 0.46-0.75 (4-step windows), against 0.25.
+    metrics, results = run(tmp_path, warm_twin(family), "train.steps=14", "train.learning_rate=4e-3",
                            "data.chat_template=false", *backend)
     assert results["rollout_engine"]["backend"] == "hf" and results["rollout_engine"]["weight_sync"] == "lora"
     assert max(m["rollout/logprob_gap"] for m in metrics) < 1e-4
-    first, last = mean(m["reward_mean"] for m in metrics[:5]), mean(m["reward_mean"] for m in metrics[-5:])
+    first, last = mean(m["reward_mean"] for m in metrics[:4]), mean(m["reward_mean"] for m in metrics[-4:])
     assert last > first + 0.25, (family, first, last)
 
 
