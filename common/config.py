@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from raylign.common.model_checks import check_has_tokenizer
-from raylign.common.storage import exists as location_exists, is_uri
+from raylign.common.storage import check_exists, exists as location_exists, is_uri
 
 BUILTIN_MODEL_PREFIX = "builtin:"
 HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -665,9 +665,7 @@ def check_model_path(path: str, field: str) -> None:
             raise ValueError(f"{field} = '{path}' is not a built-in model; use one of {choices}")
         return
     if is_uri(path):
-        if not location_exists(path):
-            raise ValueError(f"{field} = '{path}' does not exist in storage; check the URI (a pipeline stage's "
-                             "artefact is there once the stage has finished)")
+        check_exists(path, field)
         return
     if Path(path).expanduser().exists():
         return

@@ -94,7 +94,9 @@ def ask_vllm(*architectures: str) -> None:
 
 def registry_cache_path() -> Path:
     """$XDG_CACHE_HOME/raylign/vllm_registry.json (~/.cache when unset)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "raylign" / "vllm_registry.json"
+    from raylign.common.storage import raylign_cache_root
+
+    return raylign_cache_root() / "vllm_registry.json"
 
 
 # Bump when query_vllm_registry's answer changes shape or meaning: older cached answers are then asked again.

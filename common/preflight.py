@@ -14,7 +14,7 @@ from pathlib import Path
 from raylign.common.config import RewardConfig, RunConfig
 from raylign.common.data import BUILTIN_REVIEWS, load_text_column
 from raylign.common.prompt_budget import PromptLimit
-from raylign.common.storage import exists as location_exists, is_uri
+from raylign.common.storage import check_exists, is_uri
 
 LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 
@@ -37,9 +37,7 @@ def check_data_source(source: str, field: str) -> None:
                              ".json/.jsonl file or a hub dataset name")
         return
     if is_uri(source):
-        if not location_exists(source):
-            raise ValueError(f"{field} = '{source}' does not exist in storage; check the URI (a pipeline stage's "
-                             "artefact is there once the stage has finished)")
+        check_exists(source, field)
         return
     if Path(source).expanduser().exists():
         return

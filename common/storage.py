@@ -68,6 +68,13 @@ def exists(location: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def check_exists(location: str, field: str) -> None:
+    """ValueError naming `field` when a location in storage does not exist (yet)."""
+    if not exists(location):
+        raise ValueError(f"{field} = '{location}' does not exist in storage; check the URI (a pipeline stage's "
+                         "artefact is there once the stage has finished)")
+
+
 def check_reachable(location: str, field: str = "storage") -> None:
     """Create the storage root (or see that it is there), so an unreachable store fails before any stage runs."""
     try:
@@ -102,9 +109,13 @@ def upload_dir(local: str | os.PathLike, destination: str) -> None:
         pafs.copy_files(str(file.resolve()), target, source_filesystem=local_fs, destination_filesystem=fs)
 
 
+def raylign_cache_root() -> Path:
+    """$XDG_CACHE_HOME/raylign (~/.cache/raylign when unset): raylign's node-local caches."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "raylign"
+
+
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "raylign" / "storage"
+    return raylign_cache_root() / "storage"
 
 
 def local_copy(path: str | os.PathLike) -> str:
