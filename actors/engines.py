@@ -183,6 +183,15 @@ class VLLMEngine:
             self.llm.llm_engine.remove_lora(old_request.lora_int_id)
             shutil.rmtree(self.adapter_root / f"v{old_version}", ignore_errors=True)
 
+    def drop_adapters(self) -> None:
+        """Forget every loaded adapter (the worker is reset for another run): `generate` samples the base model
+        until the next `load_adapter`, which takes a new id as always."""
+        for version, request in self.loaded:
+            self.llm.llm_engine.remove_lora(request.lora_int_id)
+            shutil.rmtree(self.adapter_root / f"v{version}", ignore_errors=True)
+        self.loaded = []
+        self.llm.reset_prefix_cache()
+
     def load_merged_weights(self, update: MergedWeightsUpdate) -> None:
         weights = list(load_merged_weights(update.weights).items())
         self.llm.apply_model(lambda model: model.load_weights(weights))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 from raylign.common.types import AdapterUpdate, MergedWeightsUpdate, PromptItem, Sample, SamplingSettings
@@ -37,12 +38,10 @@ class RolloutWorker:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-        import torch
-
         from raylign.common.model_checks import load_tokenizer
         from raylign.common.storage import local_copy
 
-        torch.set_num_threads(threads)
+        torch_threads(threads)
         model_path = local_copy(model_path)
         self.tokenizer = load_tokenizer(model_path)
         if backend == "vllm":
@@ -58,6 +57,23 @@ class RolloutWorker:
         else:
             raise ValueError(f"rollout.backend = '{backend}' is not supported; use 'vllm' or 'hf'")
         self.policy_version: int | None = None
+
+    def reset_in_place(self, **arguments) -> None:
+        """Become `RolloutWorker(**arguments)` in this process (cluster/warm_actors.py). A vLLM engine is kept
+        with its adapters dropped: starting one is the expensive part, and the rollout pool hands a kept worker
+        on only to runs whose engine arguments are the same (`RolloutPool.reuse_key`). The engine's own seed is
+        the only argument it may differ in, and no sample depends on it: every request carries its prompt's
+        seed. A transformers engine is loaded again (a merged-weights update changed its weights)."""
+        from raylign.actors.engines import VLLMEngine
+
+        if arguments["backend"] == "vllm" and isinstance(self.engine, VLLMEngine):
+            torch_threads(arguments.get("threads", 1))
+            self.engine.drop_adapters()
+            self.policy_version = None
+            return
+        self.__dict__.clear()
+        gc.collect()
+        RolloutWorker.__init__(self, **arguments)
 
     def load_update(self, update: AdapterUpdate | MergedWeightsUpdate) -> int | None:
         """Install a published policy version (adapter or merged weights); returns the version held before,
@@ -97,3 +113,9 @@ class RolloutWorker:
                     extra=dict(prompt.extra),
                 ))
         return samples
+
+
+def torch_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)

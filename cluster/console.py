@@ -10,6 +10,7 @@ the user can act on (`RunStopped`) leaves its traceback in logs/driver.log, so t
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -30,19 +31,37 @@ def actor_log_dir(config: RunConfig) -> str | None:
 
 
 def remote_actor(cls: type, role: str, log_dir: str | None):
-    """`ray.remote(cls)` whose actors write their output to log_dir/<role>.log (None: `ray.remote(cls)` itself)."""
+    """`ray.remote(cls)` whose actors write their output to log_dir/<role>.log (None: to Ray's worker logs) and
+    can be reset in place for another run (cluster/warm_actors.py)."""
     import ray
 
-    if log_dir is None:
-        return ray.remote(cls)
+    from raylign.cluster.warm_actors import arguments_after_reset
 
-    class Logged(cls):
+    class Actor(cls):
         def __init__(self, *args, **kwargs):
-            write_output_to(os.path.join(log_dir, f"{role}.log"), cls.__name__)
+            # Ray reconstructs a crashed actor with its creation arguments; a reset one comes back as it was reset.
+            target, args, kwargs = arguments_after_reset() or (log_dir, args, kwargs)
+            if target is not None:
+                write_output_to(os.path.join(target, f"{role}.log"), cls.__name__)
             cls.__init__(self, *args, **kwargs)
 
-    Logged.__name__ = cls.__name__  # how Ray names the actor in its messages
-    return ray.remote(Logged)
+        def reset(self, new_log_dir: str | None, args: tuple, kwargs: dict) -> None:
+            """Become the actor `cls(*args, **kwargs)` would be, in this process: the class's own
+            `reset_in_place` where it decides what to keep (an engine), else a fresh `__init__` that keeps only
+            the attributes the class names in KEPT_ON_RESET (the data-parallel group it joined)."""
+            if new_log_dir is not None:
+                write_output_to(os.path.join(new_log_dir, f"{role}.log"), cls.__name__)
+            if hasattr(cls, "reset_in_place"):
+                cls.reset_in_place(self, *args, **kwargs)
+                return
+            kept = {name: self.__dict__[name] for name in getattr(cls, "KEPT_ON_RESET", ()) if name in self.__dict__}
+            self.__dict__.clear()
+            gc.collect()
+            cls.__init__(self, *args, **kwargs)
+            self.__dict__.update(kept)
+
+    Actor.__name__ = cls.__name__  # how Ray names the actor in its messages
+    return ray.remote(Actor)
 
 
 def write_output_to(path: str, name: str) -> None:

@@ -26,6 +26,7 @@ from raylign.cluster.prompts import PromptCursor, PromptEncoder, PromptSampler
 from raylign.cluster.ray_setup import start_ray
 from raylign.cluster.reward_pool import RewardPool
 from raylign.cluster.rollout_pool import RolloutPool
+from raylign.cluster.warm_actors import keeping_actors
 from raylign.common.config import ConfigError, RunConfig, RunStopped, config_to_yaml
 from raylign.common.data import load_columns, load_text_column
 from raylign.common.engine_support import EnginePlan, engine_plan
@@ -42,13 +43,15 @@ class SyncError(RunStopped):
 
 
 def train_each_seed(config: RunConfig) -> list[dict]:
-    """`seeds: [...]` runs the experiment once per seed into output_dir/seed_<s>; otherwise one run."""
+    """`seeds: [...]` runs the experiment once per seed into output_dir/seed_<s>, each seed on the actors the
+    previous one used (reset in place, cluster/warm_actors.py); otherwise one run."""
     if not config.seeds:
         return [train(config)]
-    return [
-        train(config.model_copy(update={"seed": seed, "seeds": None, "output_dir": str(Path(config.output_dir) / f"seed_{seed}")}))
-        for seed in config.seeds
-    ]
+    with keeping_actors():
+        return [
+            train(config.model_copy(update={"seed": seed, "seeds": None, "output_dir": str(Path(config.output_dir) / f"seed_{seed}")}))
+            for seed in config.seeds
+        ]
 
 
 def train(config: RunConfig) -> dict:

@@ -16,10 +16,13 @@ from raylign.learner.learner_worker import LearnerWorker
 
 class LearnerGroup:
     def __init__(self, config: RunConfig, model_path: str):
-        train = config.train
+        train, log_dir = config.train, actor_log_dir(config)
+        # Learners of the same count and resources are handed on between runs inside keeping_actors().
+        self.reuse_key = ("learner", train.num_learners, train.num_cpus, train.num_gpus, log_dir is None)
         self.placement, self.actors = start_ranks(
-            remote_actor(LearnerWorker, "learner", actor_log_dir(config)), train.num_learners, train.num_cpus,
-            train.num_gpus, model_path, config.model, train, config.algorithm, config.rollout, config.seed)
+            remote_actor(LearnerWorker, "learner", log_dir), train.num_learners, train.num_cpus,
+            train.num_gpus, model_path, config.model, train, config.algorithm, config.rollout, config.seed,
+            log_dir=log_dir, reuse_key=self.reuse_key)
 
     @property
     def leader(self):
@@ -35,10 +38,11 @@ class LearnerGroup:
             return False
 
     def release(self) -> None:
-        """Stop the ranks and free their placement group (once; later calls do nothing)."""
+        """Stop the ranks and free their placement group, or keep them for the next run inside keeping_actors()
+        (once; later calls do nothing). A group with a dead rank is never kept."""
         if self.placement is None:
             return
-        release_ranks(self.placement, self.actors)
+        release_ranks(self.placement, self.actors, self.reuse_key)
         self.placement = None
 
     def warm_start(self, texts: list[str], sft_config, output_dir: str) -> dict:

@@ -34,6 +34,7 @@ from raylign.cluster.prompts import PromptEncoder
 from raylign.cluster.ray_setup import start_ray
 from raylign.cluster.reward_pool import RewardPool
 from raylign.cluster.rollout_pool import RolloutPool
+from raylign.cluster.warm_actors import make_room
 from raylign.common import statistics as stats
 from raylign.common.comparability import SEED_RUN, IncomparableRuns, check_comparable, restore_pipeline_references
 from raylign.common.config import (
@@ -295,6 +296,7 @@ def evaluate(config: EvaluateConfig, verbose: bool = False) -> dict:
     start_ray(first)
     log_dir = actor_log_dir(first)
     rewards = RewardPool(first.reward, log_dir=log_dir)
+    make_room()  # the scorer is reserved outside a placement group: actors a pipeline kept must not hold its CPUs
     scorer = remote_actor(SequenceScorer, "scorer", log_dir).options(
         num_cpus=config.scorer.num_cpus, num_gpus=config.scorer.num_gpus).remote(
         None if reference is None else reference.base, None if reference is None else reference.adapter, config.dtype,

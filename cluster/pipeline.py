@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from raylign.cluster.warm_actors import keeping_actors
 from raylign.common.config import ConfigError, RewardConfig, RolloutConfig, TrainConfig, config_to_yaml, fields_help
 from raylign.common.evaluate_config import ScorerConfig
 from raylign.common.pipeline_config import (
@@ -73,39 +74,46 @@ def run_pipeline(config: PipelineConfig, force: bool | Iterable[str] = False) ->
                "stages": [{"name": s.name, "kind": s.kind, "status": "pending"} for s in config.stages]}
     artefacts: dict[str, str] = {}
     start = time.perf_counter()
-    for row, stage in zip(summary["stages"], config.stages):
-        stage_dir = output_dir / stage.name
-        stored = None if config.storage is None else join(config.storage, stage.name)
-        previous = read_results(stage_dir) if stored is None else read_stored_results(stored)
-        if previous is not None and stage.name not in rerun:
-            row.update(status="skipped", **stage_summary(stage, previous))
-            artefacts[stage.name] = row["artefact"]
-            _log(f"stage '{stage.name}' ({stage.kind}): done before, skipped (--force {stage.name} re-runs it)")
-            continue
-        row["status"] = "running"
-        _write_summary(output_dir, summary, start)
-        _log(f"stage '{stage.name}' ({stage.kind}): running in {stage_dir}")
-        stage_start = time.perf_counter()
-        try:
-            clear_stage_dir(stage_dir)
-            if stored is not None:
-                forget_done(stored)
-            results = run_stage(stage, stage_dir, config, artefacts)
-            if stored is not None:
-                results = store_stage(stage, stage_dir, stored, results)
-        except Exception as error:
-            cause = getattr(error, "cause", None) or error
-            row.update(status="failed", seconds=time.perf_counter() - stage_start, error=f"{type(cause).__name__}: {cause}")
-            _write_summary(output_dir, summary, start)
-            raise PipelineError(f"stage '{stage.name}' ({stage.kind}) failed: {type(cause).__name__}: {cause}") from error
-        finally:
-            gc.collect()
-        row.update(status="done", **stage_summary(stage, results))
-        row["seconds"] = time.perf_counter() - stage_start
-        artefacts[stage.name] = row["artefact"]
-        _write_summary(output_dir, summary, start)
-        _log(f"stage '{stage.name}' ({stage.kind}): done in {row['seconds']:.1f} s, artefact {row['artefact']}")
+    with keeping_actors():  # each stage's actors serve the next stage of the same shape (cluster/warm_actors.py)
+        for row, stage in zip(summary["stages"], config.stages):
+            run_or_skip(stage, row, output_dir, config, rerun, artefacts, summary, start)
     return _write_summary(output_dir, summary, start)
+
+
+def run_or_skip(stage: Stage, row: dict, output_dir: Path, config: PipelineConfig, rerun: set[str],
+                artefacts: dict[str, str], summary: dict, start: float) -> None:
+    """One stage: skipped when done before (and not forced), else run, stored, and recorded in `row`."""
+    stage_dir = output_dir / stage.name
+    stored = None if config.storage is None else join(config.storage, stage.name)
+    previous = read_results(stage_dir) if stored is None else read_stored_results(stored)
+    if previous is not None and stage.name not in rerun:
+        row.update(status="skipped", **stage_summary(stage, previous))
+        artefacts[stage.name] = row["artefact"]
+        _log(f"stage '{stage.name}' ({stage.kind}): done before, skipped (--force {stage.name} re-runs it)")
+        return
+    row["status"] = "running"
+    _write_summary(output_dir, summary, start)
+    _log(f"stage '{stage.name}' ({stage.kind}): running in {stage_dir}")
+    stage_start = time.perf_counter()
+    try:
+        clear_stage_dir(stage_dir)
+        if stored is not None:
+            forget_done(stored)
+        results = run_stage(stage, stage_dir, config, artefacts)
+        if stored is not None:
+            results = store_stage(stage, stage_dir, stored, results)
+    except Exception as error:
+        cause = getattr(error, "cause", None) or error
+        row.update(status="failed", seconds=time.perf_counter() - stage_start, error=f"{type(cause).__name__}: {cause}")
+        _write_summary(output_dir, summary, start)
+        raise PipelineError(f"stage '{stage.name}' ({stage.kind}) failed: {type(cause).__name__}: {cause}") from error
+    finally:
+        gc.collect()
+    row.update(status="done", **stage_summary(stage, results))
+    row["seconds"] = time.perf_counter() - stage_start
+    artefacts[stage.name] = row["artefact"]
+    _write_summary(output_dir, summary, start)
+    _log(f"stage '{stage.name}' ({stage.kind}): done in {row['seconds']:.1f} s, artefact {row['artefact']}")
 
 
 def run_stage(stage: Stage, stage_dir: Path, config: PipelineConfig, artefacts: dict[str, str]) -> dict:
@@ -131,12 +139,14 @@ def run_stage(stage: Stage, stage_dir: Path, config: PipelineConfig, artefacts: 
     resolved = resolve_stage(stage, artefacts)
     resources = resolved.resources
     log_dir = None if config.verbose else str(stage_dir.resolve() / "logs")
+    reuse_key = ("offline", resources.num_learners, resources.num_cpus, resources.num_gpus, log_dir is None)
     placement, trainers = start_ranks(remote_actor(OfflineTrainer, "offline", log_dir), resources.num_learners, resources.num_cpus,
-                                      resources.num_gpus, config.seed, resources.threads, resources.num_gpus > 0)
+                                      resources.num_gpus, config.seed, resources.threads, resources.num_gpus > 0,
+                                      log_dir=log_dir, reuse_key=reuse_key)
     try:
         return first_failure_or_all([getattr(t, resolved.kind).remote(resolved, str(stage_dir)) for t in trainers])[0]
     finally:
-        release_ranks(placement, trainers)
+        release_ranks(placement, trainers, reuse_key)
 
 
 def local_artefacts(config: PipelineConfig, artefacts: dict[str, str], names: set[str]) -> dict[str, str]:

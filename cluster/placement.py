@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 import os
 import uuid
+from collections.abc import Hashable
 
+from raylign.cluster.warm_actors import keep_or_stop, start_or_reuse
 from raylign.common.config import RunConfig
 
 
@@ -44,42 +46,46 @@ def bundles(count: int, num_cpus: float, num_gpus: float) -> list[dict]:
 
 def worker_placement(count: int, num_cpus: float, num_gpus: float, strategy: str):
     """A ready placement group of `count` worker bundles, and the scheduling strategy of bundle i."""
-    import ray
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    from raylign.cluster.warm_actors import reserve
+
     group = placement_group(bundles(count, num_cpus, num_gpus), strategy=strategy)
-    ray.get(group.ready())
+    reserve(group)
     return group, lambda index: PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
 
 
-def start_ranks(actor, count: int, num_cpus: float, num_gpus: float, *args) -> tuple:
+def start_ranks(actor, count: int, num_cpus: float, num_gpus: float, *args, log_dir: str | None = None,
+                reuse_key: Hashable | None = None) -> tuple:
     """`count` actors of the remote class `actor`, built from `args`, in one STRICT_PACK placement group and
     joined as one data-parallel group (each has `join_learner_group(rank, world_size, group_name)`): the
-    placement group, and the actors in rank order. Nothing is left reserved when a rank fails to start."""
+    placement group, and the actors in rank order. Nothing is left reserved when a rank fails to start.
+    With `reuse_key`, a group of that shape kept from an earlier run is reset to `args` instead
+    (cluster/warm_actors.py; its ranks stay joined); `log_dir` is where the actors write their output."""
     import ray
 
-    group, bundle = worker_placement(count, num_cpus, num_gpus, "STRICT_PACK")
-    actors = [actor.options(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=bundle(rank)).remote(*args)
-              for rank in range(count)]
-    try:
-        if count > 1:
-            name = f"raylign-learners-{uuid.uuid4().hex[:12]}"
-            ray.get([a.join_learner_group.remote(rank, count, name) for rank, a in enumerate(actors)])
-    except BaseException:
-        release_ranks(group, actors)
-        raise
-    return group, actors
+    def start() -> tuple:
+        group, bundle = worker_placement(count, num_cpus, num_gpus, "STRICT_PACK")
+        actors = [actor.options(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=bundle(rank)).remote(*args)
+                  for rank in range(count)]
+        try:
+            if count > 1:
+                name = f"raylign-learners-{uuid.uuid4().hex[:12]}"
+                ray.get([a.join_learner_group.remote(rank, count, name) for rank, a in enumerate(actors)])
+        except BaseException:
+            release_ranks(group, actors)
+            raise
+        return group, actors
+
+    if reuse_key is None:
+        return start()
+    return start_or_reuse(reuse_key, start, [(log_dir, args, {})] * count)
 
 
-def release_ranks(group, actors: list) -> None:
-    """Stop the actors and free their placement group."""
-    import ray
-    from ray.util.placement_group import remove_placement_group
-
-    for actor in actors:
-        ray.kill(actor)
-    remove_placement_group(group)
+def release_ranks(group, actors: list, reuse_key: Hashable | None = None) -> None:
+    """Stop the actors and free their placement group, or keep them for the next run of shape `reuse_key`."""
+    keep_or_stop(reuse_key, group, actors)
 
 
 def first_failure_or_all(refs: list) -> list:

@@ -13,6 +13,7 @@ from raylign.actors.reward_worker import RewardWorker
 from raylign.cluster.console import remote_actor
 from raylign.cluster.placement import worker_placement
 from raylign.cluster.ray_setup import wait_for_restart
+from raylign.cluster.warm_actors import keep_or_stop, start_or_reuse
 from raylign.common.config import RewardConfig
 from raylign.common.types import RewardResult, Sample
 
@@ -23,21 +24,23 @@ class RewardPool:
         # A crashed actor is restarted by Ray and the batch scored again. The running statistics live
         # here and travel with every call, so a restarted actor starts from the right state. A restarted
         # actor says so in its next result, so `restarts` also counts one killed between calls.
-        self.placement, bundle = worker_placement(config.num_workers, config.num_cpus, config.num_gpus, "PACK")
-        actor = remote_actor(RewardWorker, "reward", log_dir)
-        self.workers = [actor.options(num_cpus=config.num_cpus, num_gpus=config.num_gpus, max_restarts=config.max_restarts,
-                                      scheduling_strategy=bundle(rank)).remote(config)
-                        for rank in range(config.num_workers)]
+        # Inside keeping_actors() workers of the same count, resources and restarts are handed on between runs.
+        self.reuse_key = ("reward", config.num_workers, config.num_cpus, config.num_gpus, config.max_restarts, log_dir is None)
+
+        def start() -> tuple:
+            placement, bundle = worker_placement(config.num_workers, config.num_cpus, config.num_gpus, "PACK")
+            actor = remote_actor(RewardWorker, "reward", log_dir)
+            return placement, [actor.options(num_cpus=config.num_cpus, num_gpus=config.num_gpus,
+                                             max_restarts=config.max_restarts, scheduling_strategy=bundle(rank)).remote(config)
+                               for rank in range(config.num_workers)]
+
+        self.placement, self.workers = start_or_reuse(self.reuse_key, start, [(log_dir, (config,), {})] * config.num_workers)
         self.normalizer_state: dict | None = None  # the running statistics as of the last normalised batch
         self.restarts = 0
 
     def release(self) -> None:
-        """Stop the workers and free their placement group."""
-        from ray.util.placement_group import remove_placement_group
-
-        for worker in self.workers:
-            ray.kill(worker)
-        remove_placement_group(self.placement)
+        """Stop the workers and free their placement group, or keep them for the next run inside keeping_actors()."""
+        keep_or_stop(self.reuse_key, self.placement, self.workers)
 
     def score_batch(self, samples: list[Sample], normalize: bool = True) -> RewardResult:
         """Score a batch; `normalize=False` (evaluation) leaves the running statistics untouched."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import ray
 
@@ -11,6 +12,7 @@ from raylign.actors.rollout_worker import NoPolicyError, RolloutWorker
 from raylign.cluster.console import actor_log_dir, remote_actor
 from raylign.cluster.placement import worker_placement
 from raylign.cluster.ray_setup import wait_for_restart
+from raylign.cluster.warm_actors import keep_or_stop, start_or_reuse
 from raylign.common.config import RunConfig
 from raylign.common.engine_support import engine_plan
 from raylign.common.model_checks import hub_model_architecture, max_positions
@@ -29,20 +31,27 @@ class RolloutPool:
         # A crashed actor is restarted by Ray (re-running __init__); `generate` then reloads the
         # current policy into it and re-dispatches its work item, so no prompt is lost.
         count = num_workers or rollout.num_workers
-        self.placement, bundle = worker_placement(count, rollout.num_cpus, rollout.num_gpus, config.cluster.rollout_strategy)
-        actor = remote_actor(RolloutWorker, "rollout", actor_log_dir(config))
-        self.workers = [
-            actor.options(num_cpus=rollout.num_cpus, num_gpus=rollout.num_gpus, max_restarts=rollout.max_restarts,
-                          scheduling_strategy=bundle(rank)).remote(
-                backend=self.plan.backend, model_path=model_path, dtype=config.model.dtype, seed=config.seed + rank,
-                threads=rollout.threads or 1, lora_rank=config.model.lora.r, kv_cache_gib=rollout.vllm_kv_cache_gib,
-                gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
-                device="cuda" if rollout.num_gpus > 0 else "cpu", weight_sync=self.plan.weight_sync,
-                keep_versions=rollout.keep_versions, max_model_len=max_model_len,
-                hf_max_batch_rows=rollout.hf_max_batch_rows,
-            )
-            for rank in range(count)
-        ]
+        log_dir = actor_log_dir(config)
+        arguments = [dict(
+            backend=self.plan.backend, model_path=model_path, dtype=config.model.dtype, seed=config.seed + rank,
+            threads=rollout.threads or 1, lora_rank=config.model.lora.r, kv_cache_gib=rollout.vllm_kv_cache_gib,
+            gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
+            device="cuda" if rollout.num_gpus > 0 else "cpu", weight_sync=self.plan.weight_sync,
+            keep_versions=rollout.keep_versions, max_model_len=max_model_len,
+            hf_max_batch_rows=rollout.hf_max_batch_rows,
+        ) for rank in range(count)]
+        self.reuse_key = reuse_key(config, count, arguments[0])
+
+        def start() -> tuple:
+            placement, bundle = worker_placement(count, rollout.num_cpus, rollout.num_gpus, config.cluster.rollout_strategy)
+            actor = remote_actor(RolloutWorker, "rollout", log_dir)
+            return placement, [
+                actor.options(num_cpus=rollout.num_cpus, num_gpus=rollout.num_gpus, max_restarts=rollout.max_restarts,
+                              scheduling_strategy=bundle(rank)).remote(**arguments[rank])
+                for rank in range(count)
+            ]
+
+        self.placement, self.workers = start_or_reuse(self.reuse_key, start, [(log_dir, (), a) for a in arguments])
         self.chunk = rollout.dispatch_chunk
         self.current_update: ray.ObjectRef | None = None
         self.restarts = 0
@@ -52,12 +61,8 @@ class RolloutPool:
         )
 
     def release(self) -> None:
-        """Stop the workers and free their placement group."""
-        from ray.util.placement_group import remove_placement_group
-
-        for worker in self.workers:
-            ray.kill(worker)
-        remove_placement_group(self.placement)
+        """Stop the workers and free their placement group, or keep them for the next run inside keeping_actors()."""
+        keep_or_stop(self.reuse_key, self.placement, self.workers)
 
     def generate(self, prompts: list[PromptItem], settings: SamplingSettings | None = None) -> list[Sample]:
         """Work items of `rollout.dispatch_chunk` prompts go to whichever actor is free; results return in prompt order.
@@ -117,3 +122,27 @@ class RolloutPool:
             if previous is None and published_before:
                 self.restarts += 1
         return time.perf_counter() - start
+
+
+def reuse_key(config: RunConfig, count: int, arguments: dict) -> tuple | None:
+    """The shape a kept group of rollout workers must have to serve this run (cluster/warm_actors.py): the same
+    count, resources and restarts, and for vLLM the same engine (everything it was built from but its seed,
+    which no sample depends on). vLLM with merged weights is never kept: its base weights were overwritten."""
+    rollout = config.rollout
+    shape = ("rollout", count, rollout.num_cpus, rollout.num_gpus, rollout.max_restarts, config.cluster.rollout_strategy,
+             actor_log_dir(config) is None, arguments["backend"])
+    if arguments["backend"] != "vllm":
+        return shape
+    if arguments["weight_sync"] != "lora":
+        return None
+    engine = tuple(sorted((name, value) for name, value in arguments.items() if name not in ("seed", "threads")))
+    return shape + engine + (weights_stamp(arguments["model_path"]),)
+
+
+def weights_stamp(model_path: str) -> float | None:
+    """When a local model's files last changed: an engine kept from before new weights were saved at the same
+    path must not serve them."""
+    directory = Path(model_path)
+    if not directory.is_dir():
+        return None
+    return max((f.stat().st_mtime for f in directory.iterdir() if f.is_file()), default=None)

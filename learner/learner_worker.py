@@ -31,6 +31,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class LearnerWorker:
     """Runs as a Ray actor. The reference policy is the same model with the adapter disabled."""
 
+    # A worker reset for another run (cluster/warm_actors.py) stays a rank of the group it joined.
+    KEPT_ON_RESET = ("ranks",)
+
     def __init__(
         self,
         model_path: str,

@@ -55,6 +55,9 @@ MISTAKES = "reward_model_mistakes.jsonl"
 class OfflineTrainer:
     """Runs as a Ray actor; each method trains one stage and returns its results (also in results.json)."""
 
+    # A worker reset for another run (cluster/warm_actors.py) stays a rank of the group it joined.
+    KEPT_ON_RESET = ("ranks",)
+
     def __init__(self, seed: int, threads: int = 1, use_gpu: bool = False):
         torch.set_num_threads(threads)
         self.seed = seed

@@ -1,0 +1,90 @@
+"""Actors kept between runs (cluster/warm_actors.py): a kept actor is reset to the next run's arguments, comes
+back as that actor when Ray restarts it, and a seed run on kept actors trains exactly as on fresh ones."""
+
+import json
+import os
+import re
+import signal
+import time
+
+import pytest
+
+from raylign.common.config import load_config
+
+
+@pytest.mark.slow
+def test_a_kept_actor_is_reset_to_the_next_runs_arguments_and_a_restart_brings_back_those(ray_session):
+    import ray
+
+    from raylign.cluster.console import remote_actor
+    from raylign.cluster.placement import worker_placement
+    from raylign.cluster.warm_actors import keep_or_stop, keeping_actors, start_or_reuse
+
+    class Holder:
+        def __init__(self, value: str):
+            self.value = value
+
+        def read(self) -> tuple[str, int]:
+            return self.value, os.getpid()
+
+    actor_class = remote_actor(Holder, "holder", None)
+
+    def start(value: str):
+        def create():
+            placement, bundle = worker_placement(1, 0.1, 0, "PACK")
+            return placement, [actor_class.options(num_cpus=0.1, max_restarts=1, scheduling_strategy=bundle(0)).remote(value)]
+        return create
+
+    with keeping_actors() as shelf:
+        placement, (first,) = start_or_reuse(("holder",), start("a"), [(None, ("a",), {})])
+        value, pid = ray.get(first.read.remote())
+        keep_or_stop(("holder",), placement, [first])
+        placement, (again,) = start_or_reuse(("holder",), start("b"), [(None, ("b",), {})])
+        assert ray.get(again.read.remote()) == ("b", pid) and shelf.reused == 1
+        other_placement, (other,) = start_or_reuse(("other",), start("c"), [(None, ("c",), {})])
+        assert ray.get(other.read.remote())[1] != pid  # another shape is never handed on
+        keep_or_stop(("other",), other_placement, [other])
+
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                value, new_pid = ray.get(again.read.remote())
+                break
+            except ray.exceptions.ActorUnavailableError:
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
+        assert (value, new_pid != pid) == ("b", True)  # reconstructed as it was reset, not as it was created
+        keep_or_stop(("holder",), placement, [again])
+    for handle in (again, other):  # the block's end stops what it kept
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(handle.read.remote(), timeout=30)
+
+
+def actor_pids(run_dir) -> dict[str, list[int]]:
+    """Per role, the pid each start or reset wrote at the head of logs/<role>.log (cluster/console.py)."""
+    return {role: [int(pid) for pid in re.findall(r"\(pid (\d+)\) started", (run_dir / "logs" / f"{role}.log").read_text())]
+            for role in ("learner", "rollout", "reward")}
+
+
+def training_metrics(run_dir) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
+
+
+@pytest.mark.slow
+def test_a_seed_on_the_actors_of_the_previous_seed_trains_exactly_as_on_fresh_actors(warm_model_dir, ray_session, tmp_path):
+    from raylign.cluster.driver import train, train_each_seed
+
+    overrides = [f"model.path={warm_model_dir}", "sft.steps=0", "rollout.backend=vllm", "train.steps=3",
+                 "train.prompts_per_step=4", "eval.every=0", "eval.run_test=false", "logging.progress=false"]
+    train_each_seed(load_config("configs/quickstart.yaml", [*overrides, f"output_dir={tmp_path / 'kept'}", "seeds=[1, 2]"]))
+    train(load_config("configs/quickstart.yaml", [*overrides, f"output_dir={tmp_path / 'fresh'}", "seed=2"]))
+
+    first, second, fresh = (actor_pids(tmp_path / run) for run in ("kept/seed_1", "kept/seed_2", "fresh"))
+    for role in first:
+        assert second[role] == first[role]  # seed 2 ran in the processes seed 1 started (its vLLM engine kept)
+        assert fresh[role] != first[role]
+    kept = training_metrics(tmp_path / "kept" / "seed_2")
+    assert kept == training_metrics(tmp_path / "fresh")
+    assert len(kept) == 3 and max(row["rollout/logprob_gap"] for row in kept) < 1e-4
