@@ -51,6 +51,11 @@ class Shelf:
         return None
 
     def put(self, group: KeptGroup) -> None:
+        """Keep `group`, stopping an idle group of the same role (the first item of the key): at most one idle
+        group per role holds resources."""
+        for other in [g for g in self.idle if g.key[0] == group.key[0]]:
+            self.idle.remove(other)
+            stop(other)
         self.idle.append(group)
 
     def release_all(self) -> bool:
@@ -62,18 +67,19 @@ class Shelf:
 
 
 @contextmanager
-def keeping_actors():
-    """Within this block, runs hand their actors on to the next run of the same shape (nested blocks share
-    the outermost shelf); every kept actor is stopped when the block ends."""
+def keeping_actors(own: bool = False):
+    """Within this block, runs hand their actors on to the next run of the same shape; every kept actor is
+    stopped when the block ends. A nested block shares the outer block's shelf, unless `own`: then it has a
+    shelf of its own for as long as it lasts (its runs neither take nor leave actors on the outer one)."""
     global _shelf
-    if _shelf is not None:
+    if _shelf is not None and not own:
         yield _shelf
         return
-    _shelf = Shelf()
+    outer, _shelf = _shelf, Shelf()
     try:
         yield _shelf
     finally:
-        shelf, _shelf = _shelf, None
+        shelf, _shelf = _shelf, outer
         shelf.release_all()
 
 

@@ -35,7 +35,7 @@ def test_a_kept_actor_is_reset_to_the_next_runs_arguments_and_a_restart_brings_b
             return placement, [actor_class.options(num_cpus=0.1, max_restarts=1, scheduling_strategy=bundle(0)).remote(value)]
         return create
 
-    with keeping_actors() as shelf:
+    with keeping_actors(own=True) as shelf:
         placement, (first,) = start_or_reuse(("holder",), start("a"), [(None, ("a",), {})])
         value, pid = ray.get(first.read.remote())
         keep_or_stop(("holder",), placement, [first])
@@ -75,11 +75,14 @@ def training_metrics(run_dir) -> list[dict]:
 @pytest.mark.slow
 def test_a_seed_on_the_actors_of_the_previous_seed_trains_exactly_as_on_fresh_actors(warm_model_dir, ray_session, tmp_path):
     from raylign.cluster.driver import train, train_each_seed
+    from raylign.cluster.warm_actors import keeping_actors
 
     overrides = [f"model.path={warm_model_dir}", "sft.steps=0", "rollout.backend=vllm", "train.steps=3",
                  "train.prompts_per_step=4", "eval.every=0", "eval.run_test=false", "logging.progress=false"]
-    train_each_seed(load_config("configs/quickstart.yaml", [*overrides, f"output_dir={tmp_path / 'kept'}", "seeds=[1, 2]"]))
-    train(load_config("configs/quickstart.yaml", [*overrides, f"output_dir={tmp_path / 'fresh'}", "seed=2"]))
+    with keeping_actors(own=True):  # seed 1 starts its own actors and hands them to seed 2
+        train_each_seed(load_config("configs/quickstart.yaml", [*overrides, f"output_dir={tmp_path / 'kept'}", "seeds=[1, 2]"]))
+    with keeping_actors(own=True):  # nothing to take: fresh actors
+        train(load_config("configs/quickstart.yaml", [*overrides, f"output_dir={tmp_path / 'fresh'}", "seed=2"]))
 
     first, second, fresh = (actor_pids(tmp_path / run) for run in ("kept/seed_1", "kept/seed_2", "fresh"))
     for role in first:
