@@ -534,6 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("config", help="evaluation YAML file")
     parser.add_argument("overrides", nargs="*", help="field=value overrides (YAML values), e.g. data.max_prompts=20")
+    parser.add_argument("--verbose", action="store_true",
+                        help="the actors' and libraries' output (vLLM, transformers, Ray) on the console instead of output_dir/logs/")
     return parser
 
 
@@ -541,7 +543,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = load_evaluate_config(args.config, args.overrides)
-        result = evaluate(config)
+        result = evaluate(config, verbose=args.verbose)
     except (ConfigError, IncomparableRuns) as error:
         print(f"raylign evaluate: {error}", file=sys.stderr)
         return 2

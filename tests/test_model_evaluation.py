@@ -342,6 +342,25 @@ def test_evaluate_cli_refuses_a_bad_config_with_status_2(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("raylign evaluate: invalid evaluation config:\n  pass_k = [9]: 9 needs")
 
 
+def test_evaluate_cli_verbose_leaves_the_actors_output_to_the_console(tmp_path, monkeypatch):
+    """`--verbose` reaches evaluate(), which then gives the actors no log directory (cluster/console.py)."""
+    from raylign.cluster import model_evaluation
+    from raylign.cluster.cli import main
+    from raylign.cluster.console import actor_log_dir
+
+    seen = []
+
+    def record(config, verbose=False):
+        seen.append(actor_log_dir(model_evaluation.pool_config(config, "builtin:tiny-llama", 8, verbose)))
+        return {"models": {}}
+
+    monkeypatch.setattr(model_evaluation, "evaluate", record)
+    path = tmp_path / "evaluate.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "models": [{"name": "x", "path": "builtin:tiny-llama"}]}))
+    assert main(["evaluate", str(path)]) == 0 and main(["evaluate", str(path), "--verbose"]) == 0
+    assert seen == [str(tmp_path / "out" / "logs"), None]
+
+
 @pytest.mark.slow
 def test_raylign_evaluate_compares_a_run_with_the_model_it_started_from(warm_model_dir, ray_session, tmp_path, capsys):
     from raylign.cluster.cli import main
