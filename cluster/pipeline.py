@@ -42,7 +42,7 @@ from raylign.common.pipeline_config import (
     referenced_stages,
     resolve_stage,
 )
-from raylign.common.storage import StorageError, check_reachable, forget_done, join, local_copy, read_text, upload_dir
+from raylign.common.storage import StorageError, check_reachable, forget_done, is_uri, join, local_copy, read_text, upload_dir
 
 SUMMARY = "pipeline.json"
 STAGE_MARKER = ".pipeline-stage"
@@ -232,31 +232,39 @@ def read_results(stage_dir: Path) -> dict | None:
 
 
 def read_stored_results(stored: str) -> dict | None:
-    """results.json of a stage in storage, its artefact named where it lies there (`stored_artefact`)."""
+    """results.json of a stage in storage, its artefact named where it lies there: `stored_artefact` is
+    relative to the stage's storage directory ("." for the directory itself), so a storage root that was
+    moved or copied elsewhere still names its own files; an absolute one (outside the stage) is taken as is."""
     text = read_text(join(stored, "results.json"))
     if text is None:
         return None
     results = json.loads(text)
-    if results.get("stored_artefact"):
-        results["artefact"] = results["stored_artefact"]
+    place = results.get("stored_artefact")
+    if place:
+        results["artefact"] = place if is_uri(place) or Path(place).is_absolute() else join(stored, *relative_parts(place))
     return results
 
 
+def relative_parts(place: str) -> list[str]:
+    return [part for part in place.split("/") if part not in ("", ".")]
+
+
 def store_stage(stage: Stage, stage_dir: Path, stored: str, results: dict) -> dict:
-    """Upload a finished stage to `stored`; its results.json there also names the artefact's place in storage
-    (`stored_artefact`), which is what later stages and re-runs use. Returns the results with that artefact."""
+    """Upload a finished stage to `stored`; its results.json there also names the artefact's place inside the
+    stage's storage directory (`stored_artefact`, see `read_stored_results`), which is what later stages and
+    re-runs use. Returns the results with the artefact's location in storage."""
     artefact = Path(stage_summary(stage, results)["artefact"])
     try:
         inside = artefact.resolve().relative_to(stage_dir.resolve())
     except ValueError:  # not written into the stage directory (none of the stage kinds does this)
         inside = None
-    stored_artefact = str(artefact) if inside is None else join(stored, *inside.parts)
+    place = str(artefact) if inside is None else ("/".join(inside.parts) or ".")
     results_file = stage_dir / "results.json"
     on_disk = json.loads(results_file.read_text()) if results_file.is_file() else results
-    results_file.write_text(json.dumps({**on_disk, "stored_artefact": stored_artefact}, indent=2))
+    results_file.write_text(json.dumps({**on_disk, "stored_artefact": place}, indent=2))
     _log(f"stage '{stage.name}' ({stage.kind}): uploading {stage_dir} to {stored}")
     upload_dir(stage_dir, stored)
-    return {**results, "artefact": stored_artefact}
+    return {**results, "artefact": str(artefact) if inside is None else join(stored, *relative_parts(place))}
 
 
 def stage_summary(stage: Stage, results: dict) -> dict:
