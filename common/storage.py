@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -122,7 +123,8 @@ def local_copy(path: str | os.PathLike) -> str:
     """A path this node can open: a plain path as it is; a URI's file or directory downloaded once into
     cache_dir()/<hash of the URI and its files' sizes and times>/<its name>. A download goes to a temporary
     directory renamed into place when complete, so a half-written copy is never returned, and a copy of
-    files that have since changed in storage (a re-run stage) is never reused."""
+    files that have since changed in storage (a re-run stage) is never reused. Processes of one node that ask
+    for the same copy at once download it once: the others wait for it."""
     import pyarrow.fs as pafs
 
     if not is_uri(path):
@@ -143,8 +145,25 @@ def local_copy(path: str | os.PathLike) -> str:
     entry = cache_dir() / hashlib.sha256(fingerprint.encode()).hexdigest()[:24]
     name = remote.rstrip("/").rsplit("/", 1)[-1] or "root"
     if not entry.is_dir():
-        _download(fs, remote, info, name, entry)
+        with _download_lock(entry):  # actors on one node opening the same model download it once
+            if not entry.is_dir():
+                _download(fs, remote, info, name, entry)
     return str(entry / name)
+
+
+@contextmanager
+def _download_lock(entry: Path):
+    """An exclusive lock on one cache entry among this node's processes (flock; released if a holder dies)."""
+    import fcntl
+
+    locks = entry.parent.parent / "storage-locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{entry.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _download(fs, remote: str, info, name: str, entry: Path) -> None:

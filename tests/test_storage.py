@@ -89,6 +89,30 @@ def test_a_cached_copy_is_reused_without_downloading_again(tmp_path, monkeypatch
     assert len(list(cache_dir().iterdir())) == 1
 
 
+def test_two_readers_asking_for_the_same_copy_at_once_download_it_once(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    upload_dir(make_stage_dir(tmp_path / "out" / "sft"), f"file://{tmp_path}/store/sft")
+    copy = pafs.copy_files
+    copies = []
+
+    def slow_copy(source, destination, **kwargs):
+        copies.append(source)
+        time.sleep(0.3)  # the second reader arrives while the first is downloading
+        return copy(source, destination, **kwargs)
+
+    monkeypatch.setattr(pafs, "copy_files", slow_copy)
+    paths = []
+    readers = [threading.Thread(target=lambda: paths.append(local_copy(f"file://{tmp_path}/store/sft"))) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join()
+    assert len(paths) == 2 and paths[0] == paths[1]
+    assert len(copies) == 1 and tree(Path(paths[0])) == tree(tmp_path / "out" / "sft")
+
+
 def test_a_stage_uploaded_again_with_other_files_is_downloaded_again(tmp_path):
     local = make_stage_dir(tmp_path / "out" / "sft")
     upload_dir(local, f"file://{tmp_path}/store/sft")
