@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import inspect
 import os
+from pathlib import Path
 
 from raylign.common.types import AdapterUpdate, MergedWeightsUpdate, PromptItem, Sample, SamplingSettings
 
@@ -33,6 +35,9 @@ class RolloutWorker:
     ):
         """`backend` and `weight_sync` as decided at start-up (`common.engine_support`); `max_model_len` is the
         context the vLLM engine reserves (prompt budget + max_new_tokens)."""
+        # What the engine is built from (the parameters, read before any is changed below): a reset keeps it
+        # only for the same (`reset_in_place`).
+        self.engine_identity = engine_identity({name: value for name, value in locals().items() if name in ENGINE_ARGUMENTS})
         # vLLM reads these at import time; the engine runs in this process so
         # Ray's CPU accounting is the real one.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
@@ -59,19 +64,26 @@ class RolloutWorker:
         self.policy_version: int | None = None
 
     def reset_in_place(self, **arguments) -> None:
-        """Become `RolloutWorker(**arguments)` in this process (cluster/warm_actors.py). A vLLM engine is kept
-        with its adapters dropped: starting one is the expensive part, and the rollout pool hands a kept worker
-        on only to runs whose engine arguments are the same (`RolloutPool.reuse_key`). The engine's own seed is
-        the only argument it may differ in, and no sample depends on it: every request carries its prompt's
-        seed. A transformers engine is loaded again (a merged-weights update changed its weights)."""
+        """Become `RolloutWorker(**arguments)` in this process (cluster/warm_actors.py). A vLLM engine built from
+        the same arguments and model files is kept with its adapters dropped (starting one is the expensive
+        part); the engine's own seed and threads may differ, and no sample depends on the seed: every request
+        carries its prompt's seed. Otherwise the engine is built again in this process, which saves importing
+        vLLM again (on CPU; on a GPU the rollout pool only hands a worker on to runs of the same engine,
+        `RolloutPool.reuse_key`). A transformers engine is always loaded again."""
         from raylign.actors.engines import VLLMEngine
 
-        if arguments["backend"] == "vllm" and isinstance(self.engine, VLLMEngine):
-            torch_threads(arguments.get("threads", 1))
+        bound = inspect.signature(RolloutWorker.__init__).bind(self, **arguments)
+        bound.apply_defaults()
+        if isinstance(self.engine, VLLMEngine) and engine_identity(bound.arguments) == self.engine_identity:
+            torch_threads(bound.arguments["threads"])
             self.engine.drop_adapters()
             self.policy_version = None
             return
+        engine = self.engine
         self.__dict__.clear()
+        if isinstance(engine, VLLMEngine):
+            engine.close()
+        del engine
         gc.collect()
         RolloutWorker.__init__(self, **arguments)
 
@@ -80,6 +92,7 @@ class RolloutWorker:
         None in a fresh process (so the pool sees that Ray restarted this actor since its last publish)."""
         if isinstance(update, MergedWeightsUpdate):
             self.engine.load_merged_weights(update)
+            self.engine_identity = None  # its weights are no longer the model's: never kept for another run
         else:
             self.engine.load_adapter(update)
         previous, self.policy_version = self.policy_version, update.version
@@ -119,3 +132,24 @@ def torch_threads(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+# The arguments an engine is built from; the seed and threads are not among them (see reset_in_place).
+ENGINE_ARGUMENTS = ("backend", "model_path", "dtype", "lora_rank", "kv_cache_gib", "gpu_memory_utilization", "device",
+                    "weight_sync", "keep_versions", "max_model_len", "hf_max_batch_rows")
+
+
+def engine_identity(arguments: dict) -> tuple:
+    """What an engine built from `arguments` is: those of ENGINE_ARGUMENTS, and when the model's files last
+    changed (an engine kept from before new weights were saved at the same path must not serve them)."""
+    from raylign.common.storage import local_copy
+
+    local = local_copy(arguments["model_path"])  # a storage URI's copy changes with its files
+    return tuple((name, arguments.get(name)) for name in ENGINE_ARGUMENTS) + (local, weights_stamp(local))
+
+
+def weights_stamp(model_path: str) -> float | None:
+    directory = Path(model_path)
+    if not directory.is_dir():
+        return None
+    return max((f.stat().st_mtime for f in directory.iterdir() if f.is_file()), default=None)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import ray
 
-from raylign.actors.rollout_worker import NoPolicyError, RolloutWorker
+from raylign.actors.rollout_worker import NoPolicyError, RolloutWorker, engine_identity
 from raylign.cluster.console import actor_log_dir, remote_actor
 from raylign.cluster.placement import worker_placement
 from raylign.cluster.ray_setup import wait_for_restart
@@ -128,23 +127,15 @@ class RolloutPool:
 
 def reuse_key(config: RunConfig, count: int, arguments: dict) -> tuple | None:
     """The shape a kept group of rollout workers must have to serve this run (cluster/warm_actors.py): the same
-    count, resources and restarts, and for vLLM the same engine (everything it was built from but its seed,
-    which no sample depends on). vLLM with merged weights is never kept: its base weights were overwritten."""
+    count, resources, restarts and engine kind. On CPU a worker builds another vLLM engine in its process when
+    the run needs one (saving vLLM's import); on a GPU, where an engine rebuilt in one process does not
+    reliably give its memory back, only a run of the same engine gets the worker, and never after merged
+    weights overwrote its base weights."""
     rollout = config.rollout
     shape = ("rollout", count, rollout.num_cpus, rollout.num_gpus, rollout.max_restarts, config.cluster.rollout_strategy,
-             actor_log_dir(config) is None, arguments["backend"])
-    if arguments["backend"] != "vllm":
+             actor_log_dir(config) is None, arguments["backend"], arguments["device"], arguments["kv_cache_gib"])
+    if arguments["backend"] != "vllm" or arguments["device"] == "cpu":
         return shape
     if arguments["weight_sync"] != "lora":
         return None
-    engine = tuple(sorted((name, value) for name, value in arguments.items() if name not in ("seed", "threads")))
-    return shape + engine + (weights_stamp(arguments["model_path"]),)
-
-
-def weights_stamp(model_path: str) -> float | None:
-    """When a local model's files last changed: an engine kept from before new weights were saved at the same
-    path must not serve them."""
-    directory = Path(model_path)
-    if not directory.is_dir():
-        return None
-    return max((f.stat().st_mtime for f in directory.iterdir() if f.is_file()), default=None)
+    return shape + engine_identity(arguments)

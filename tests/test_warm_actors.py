@@ -91,3 +91,30 @@ def test_a_seed_on_the_actors_of_the_previous_seed_trains_exactly_as_on_fresh_ac
     kept = training_metrics(tmp_path / "kept" / "seed_2")
     assert kept == training_metrics(tmp_path / "fresh")
     assert len(kept) == 3 and max(row["rollout/logprob_gap"] for row in kept) < 1e-4
+
+
+@pytest.mark.slow
+def test_a_reset_vllm_worker_keeps_its_engine_for_the_same_model_and_builds_a_fresh_ones_twin_for_another(twin_dirs):
+    """In one process (as in a kept actor): the same engine arguments keep the engine, another model gets an
+    engine that samples exactly what a fresh worker's does."""
+    from raylign.actors.rollout_worker import RolloutWorker
+    from raylign.common.model_checks import load_tokenizer
+    from raylign.common.types import PromptItem, SamplingSettings
+
+    settings = SamplingSettings(samples_per_prompt=2, max_new_tokens=6, temperature=1.0)
+
+    def sample(worker, model_dir):
+        ids = load_tokenizer(model_dir)("I watched this last night and the movie was")["input_ids"]
+        worker.use_base_model()
+        return [(s.completion_ids, s.behaviour_logprobs) for s in worker.generate([PromptItem(0, "", ids, seed=3)], settings)]
+
+    llama, qwen = twin_dirs["llama"], twin_dirs["qwen2"]
+    worker = RolloutWorker("vllm", llama, max_model_len=64)
+    engine = worker.engine
+    worker.reset_in_place(backend="vllm", model_path=llama, max_model_len=64, seed=7)
+    assert worker.engine is engine and worker.policy_version is None
+    worker.reset_in_place(backend="vllm", model_path=qwen, max_model_len=64)
+    assert worker.engine is not engine
+    rebuilt = sample(worker, qwen)
+    del worker, engine
+    assert rebuilt == sample(RolloutWorker("vllm", qwen, max_model_len=64), qwen)
