@@ -142,13 +142,12 @@ ENGINE_ARGUMENTS = ("backend", "model_path", "dtype", "lora_rank", "kv_cache_gib
 def engine_identity(arguments: dict) -> tuple:
     """What an engine built from `arguments` is: those of ENGINE_ARGUMENTS, and when the model's files last
     changed (an engine kept from before new weights were saved at the same path must not serve them)."""
-    from raylign.common.storage import local_copy
-
-    local = local_copy(arguments["model_path"])  # a storage URI's copy changes with its files
-    return tuple((name, arguments.get(name)) for name in ENGINE_ARGUMENTS) + (local, weights_stamp(local))
+    return tuple((name, arguments.get(name)) for name in ENGINE_ARGUMENTS) + (weights_stamp(arguments["model_path"]),)
 
 
 def weights_stamp(model_path: str) -> float | None:
+    """The newest file time of a local model directory; None for a hub name or a storage URI (not opened here:
+    the rollout pool computes a GPU worker's key on the driver, which must not download the model for it)."""
     directory = Path(model_path)
     if not directory.is_dir():
         return None
