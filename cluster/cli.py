@@ -1,4 +1,4 @@
-"""`raylign` command line: train, pipeline, evaluate, bench, report, judge, tiny-model."""
+"""`raylign` command line: train, pipeline, evaluate, bench, report, judge, tiny-model, cache."""
 
 from __future__ import annotations
 
@@ -49,7 +49,35 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("output", help="directory to write the model and tokenizer to")
     tiny.add_argument("--like", choices=list(FAMILIES), default="llama", help="the model family to copy")
     tiny.add_argument("--seed", type=int, default=0, help="seed for the tokenizer corpus and the weights")
+
+    cache = commands.add_parser(
+        "cache", help="this node's copies of artefacts read from a storage URI: list or prune them",
+        description=(
+            "Every process that opens a model or file in a storage URI (s3://, gs://, file://...) downloads it "
+            "once into $XDG_CACHE_HOME/raylign/storage/ (~/.cache/raylign/storage/). Nothing deletes these copies "
+            "by itself: `prune` deletes those no process on this node has opened for --older-than-days."
+        ),
+    )
+    cache.add_argument("action", choices=["list", "prune"], help="list: every copy; prune: delete the idle ones")
+    cache.add_argument("--older-than-days", type=float, default=7.0,
+                       help="prune copies idle this long (default 7; a copy's last use is when it was last opened)")
+    cache.add_argument("--dry-run", action="store_true", help="prune: print what would be deleted, delete nothing")
     return parser
+
+
+def cache_command(args: argparse.Namespace) -> int:
+    from raylign.common.storage import cache_dir, prune_cache
+
+    if args.older_than_days < 0:
+        raise ConfigError(f"--older-than-days = {args.older_than_days} is negative; give 0 or more days")
+    entries = prune_cache(0 if args.action == "list" else args.older_than_days * 86400,
+                          dry_run=args.action == "list" or args.dry_run)
+    for entry in entries:
+        print(f"{entry['bytes'] / 2**20:10.1f} MiB  idle {entry['idle_days']:7.2f} d  {entry['uri'] or '(unknown source)'}  {entry['path']}")
+    total = sum(entry["bytes"] for entry in entries) / 2**20
+    verb = {"list": "held", "prune": "would be deleted" if args.dry_run else "deleted"}[args.action]
+    print(f"{len(entries)} copies ({total:.1f} MiB) {verb} in {cache_dir()}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         print(build_tiny_model(args.output, family=args.like, seed=args.seed))
         return 0
     try:
+        if args.command == "cache":
+            return cache_command(args)
         config = load_config(args.config, args.overrides)
         from raylign.cluster.driver import latest_checkpoint, train_each_seed
 

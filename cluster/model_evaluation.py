@@ -39,6 +39,7 @@ from raylign.common import statistics as stats
 from raylign.common.comparability import SEED_RUN, IncomparableRuns, check_comparable, restore_pipeline_references
 from raylign.common.config import (
     ConfigError,
+    RewardConfig,
     RunConfig,
     apply_overrides,
     check_model_path,
@@ -51,7 +52,7 @@ from raylign.common.config import (
 from raylign.common.data import BUILTIN_REVIEWS, load_text_column, write_builtin_reviews
 from raylign.common.eval_metrics import evaluation_metrics, sequence_kl
 from raylign.common.evaluate_config import EvalModelConfig, EvaluateConfig
-from raylign.common.storage import local_copy
+from raylign.common.storage import local_copy, stored_location
 from raylign.common.tiny_model import resolve_builtin_model
 from raylign.common.types import PromptItem, Sample, SamplingSettings
 from raylign.learner.sequence_scorer import SequenceScorer
@@ -231,6 +232,18 @@ def prompt_items(encoder: PromptEncoder, texts: list[str], split: str, seed: int
 # ----- the evaluation -----
 
 
+def for_actors(path: str | None) -> str | None:
+    """A model path as the actors get it. The driver reads its node's copies of what a pipeline keeps in
+    storage; actors, which may run on other nodes, get the storage URI (they make their own copies)."""
+    return None if path is None else stored_location(path)
+
+
+def reward_for_actors(reward: RewardConfig) -> RewardConfig:
+    """The reward config with each reward model's path as the actors get it (for_actors)."""
+    return reward.model_copy(update={"sources": [
+        source.model_copy(update={"path": for_actors(source.path)}) for source in reward.sources]})
+
+
 def pool_config(config: EvaluateConfig, base: str, lora_rank: int, verbose: bool = False) -> RunConfig:
     """The run config the rollout and reward pools read (model, data, rollout, reward, seed, cluster, and
     logging.verbose: whether the actors' output stays with Ray instead of going to output_dir/logs/)."""
@@ -292,15 +305,15 @@ def evaluate(config: EvaluateConfig, verbose: bool = False) -> dict:
         comparability = check_models_comparable(instances, config)
         prompts = load_prompts(config, out / "data", instances)
     reference = next((i for i in instances if i.name == config.reference), None)
-    first = pool_config(config, instances[0].base, 8, verbose)
+    first = pool_config(config, for_actors(instances[0].base), 8, verbose)
     start_ray(first)
     log_dir = actor_log_dir(first)
-    rewards = RewardPool(first.reward, log_dir=log_dir)
+    rewards = RewardPool(reward_for_actors(first.reward), log_dir=log_dir)
     make_room()  # the scorer is reserved outside a placement group: actors a pipeline kept must not hold its CPUs
     scorer = remote_actor(SequenceScorer, "scorer", log_dir).options(
         num_cpus=config.scorer.num_cpus, num_gpus=config.scorer.num_gpus).remote(
-        None if reference is None else reference.base, None if reference is None else reference.adapter, config.dtype,
-        "cuda" if config.scorer.num_gpus > 0 else "cpu", config.scorer.threads, config.scorer.batch_size)
+        for_actors(None if reference is None else reference.base), for_actors(None if reference is None else reference.adapter),
+        config.dtype, "cuda" if config.scorer.num_gpus > 0 else "cpu", config.scorer.threads, config.scorer.batch_size)
     rollout = config.rollout
     settings = SamplingSettings(samples_per_prompt=rollout.samples_per_prompt, max_new_tokens=rollout.max_new_tokens,
                                 min_new_tokens=rollout.min_new_tokens, temperature=rollout.temperature,
@@ -311,15 +324,16 @@ def evaluate(config: EvaluateConfig, verbose: bool = False) -> dict:
     try:
         version = 0
         for (base, shape), members, zero_like in rollout_groups(instances):
-            run = pool_config(config, base, shape[0] if shape else 8, verbose)
+            run = pool_config(config, for_actors(base), shape[0] if shape else 8, verbose)
             encoder = PromptEncoder(run, base)
             items = prompt_items(encoder, prompts.texts, config.data.split, config.seed)
-            pool = RolloutPool(run, base, max_model_len=encoder.max_model_len())
+            pool = RolloutPool(run, for_actors(base), max_model_len=encoder.max_model_len())
             try:
                 for instance in members:
                     version += 1
-                    update = ray.get(scorer.load_policy.remote(instance.base, instance.adapter, pool.plan.weight_sync,
-                                                               version, zero_like if instance.adapter is None else None))
+                    update = ray.get(scorer.load_policy.remote(
+                        for_actors(instance.base), for_actors(instance.adapter), pool.plan.weight_sync, version,
+                        for_actors(zero_like if instance.adapter is None else None)))
                     if update is None:
                         ray.get([worker.use_base_model.remote(version) for worker in pool.workers])
                     else:

@@ -3,6 +3,8 @@ filesystem), or a pyarrow.fs URI (s3://bucket/prefix, gs://bucket/prefix, hdfs:/
 
 A stage writes node-locally and `upload_dir` copies the finished directory to storage; whoever opens an artefact
 calls `local_copy`, which hands a plain path back unchanged and downloads a URI once into a node-local cache.
+`stored_location` maps a path inside such a copy back to its URI (what a driver hands to actors on other nodes
+after reading its own copy), and `prune_cache` deletes copies no process has asked for in a while.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hashlib
 import os
 import re
 import shutil
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -119,6 +122,10 @@ def cache_dir() -> Path:
     return raylign_cache_root() / "storage"
 
 
+# Each cache entry holds the copy (<entry>/<name>) and this file with the URI it was downloaded from.
+SOURCE_FILE = "source-uri"
+
+
 def local_copy(path: str | os.PathLike) -> str:
     """A path this node can open: a plain path as it is; a URI's file or directory downloaded once into
     cache_dir()/<hash of the URI and its files' sizes and times>/<its name>. A download goes to a temporary
@@ -147,8 +154,44 @@ def local_copy(path: str | os.PathLike) -> str:
     if not entry.is_dir():
         with _download_lock(entry):  # actors on one node opening the same model download it once
             if not entry.is_dir():
-                _download(fs, remote, info, name, entry)
+                _download(fs, remote, info, name, path, entry)
+    os.utime(entry)  # the entry's time is its last use, which prune_cache reads
     return str(entry / name)
+
+
+def stored_location(path: str | os.PathLike) -> str:
+    """The URI a path inside a `local_copy` download came from (joined with the path below the copy); any
+    other path unchanged. A driver reads its node's copy and hands this to actors, which may run elsewhere."""
+    path = Path(path)
+    root = cache_dir().resolve()
+    try:
+        entry_name, name, *below = path.resolve().relative_to(root).parts
+    except ValueError:  # not in the cache, or the cache entry itself
+        return str(path)
+    source = root / entry_name / SOURCE_FILE
+    if not source.is_file():
+        return str(path)
+    return join(source.read_text().strip(), *below)
+
+
+def prune_cache(older_than_seconds: float, dry_run: bool = False) -> list[dict]:
+    """Delete the downloads no process on this node has asked `local_copy` for in `older_than_seconds` (each
+    under its download lock). Returns what was (or, with dry_run, would be) deleted: uri, path, bytes, idle days."""
+    root, now, removed = cache_dir(), time.time(), []
+    if not root.is_dir():
+        return removed
+    for entry in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        idle = now - entry.stat().st_mtime
+        if idle < older_than_seconds:
+            continue
+        source = entry / SOURCE_FILE
+        size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+        removed.append({"uri": source.read_text().strip() if source.is_file() else None, "path": str(entry),
+                        "bytes": size, "idle_days": round(idle / 86400, 2)})
+        if not dry_run:
+            with _download_lock(entry):
+                shutil.rmtree(entry)
+    return removed
 
 
 @contextmanager
@@ -166,7 +209,7 @@ def _download_lock(entry: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _download(fs, remote: str, info, name: str, entry: Path) -> None:
+def _download(fs, remote: str, info, name: str, uri: str, entry: Path) -> None:
     import pyarrow.fs as pafs
 
     entry.parent.mkdir(parents=True, exist_ok=True)
@@ -179,6 +222,7 @@ def _download(fs, remote: str, info, name: str, entry: Path) -> None:
         else:
             (partial / name).mkdir()
             pafs.copy_files(remote, str(partial / name), source_filesystem=fs, destination_filesystem=local_fs)
+        (partial / SOURCE_FILE).write_text(uri + "\n")
         try:
             os.rename(partial, entry)
         except OSError:

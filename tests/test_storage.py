@@ -395,3 +395,68 @@ def test_raylign_evaluate_reads_an_adapter_in_storage_through_a_local_copy(tmp_p
     (instance,) = resolve_models(entry, None, tmp_path / "build", 0)
     assert instance.adapter == str(storage.cache_dir() / Path(instance.adapter).parent.name / "adapter")
     assert json.loads((Path(instance.adapter) / "adapter_config.json").read_text())["r"] == 8
+
+
+def test_a_path_inside_a_copy_maps_back_to_the_uri_it_was_downloaded_from(tmp_path):
+    upload_dir(make_stage_dir(tmp_path / "out" / "sft"), f"file://{tmp_path}/store/sft")
+    copy = Path(local_copy(f"file://{tmp_path}/store/sft"))
+
+    assert storage.stored_location(copy) == f"file://{tmp_path}/store/sft"
+    assert storage.stored_location(copy / "adapter") == f"file://{tmp_path}/store/sft/adapter"
+    assert storage.stored_location(str(tmp_path / "out" / "sft")) == str(tmp_path / "out" / "sft")  # not a copy
+    assert storage.stored_location("builtin:tiny-llama") == "builtin:tiny-llama"
+
+
+def test_an_evaluate_stage_hands_its_actors_storage_uris_and_reads_its_own_copies(tmp_path):
+    """On a cluster the rollout, reward and scorer actors may run on other nodes than the driver, whose
+    copies of the stages they cannot open: they get the URIs and download them themselves."""
+    from raylign.cluster.model_evaluation import for_actors, resolve_models, reward_for_actors
+    from raylign.cluster.pipeline import local_artefacts
+    from raylign.common.config import RewardConfig
+    from raylign.common.evaluate_config import EvalModelConfig
+
+    run = tmp_path / "out" / "ppo"
+    checkpoint = run / "checkpoints" / "step_000002"
+    (checkpoint / "adapter").mkdir(parents=True)
+    (checkpoint / "driver_state.json").write_text('{"step": 2}')
+    (checkpoint / "adapter" / "adapter_config.json").write_text('{"r": 8}')
+    (run / "config.yaml").write_text("model: {path: file:///store/sft}\n")
+    root = f"file://{tmp_path}/store"
+    upload_dir(run, f"{root}/ppo")
+    upload_dir(make_stage_dir(tmp_path / "out" / "rm"), f"{root}/rm")
+    artefacts = {"ppo": f"{root}/ppo/checkpoints/step_000002", "rm": f"{root}/rm"}
+    local = local_artefacts(pipeline(tmp_path, root), artefacts, {"ppo", "rm"})
+
+    (instance,) = resolve_models(EvalModelConfig(name="ppo", path=local["ppo"]), None, tmp_path / "build", 0)
+    assert Path(instance.adapter).is_relative_to(cache_dir())  # the driver reads its copy
+    assert for_actors(instance.adapter) == f"{root}/ppo/checkpoints/step_000002/adapter"
+    assert for_actors(None) is None
+    reward = RewardConfig.model_construct(function=None, sources=[
+        storage_source("scalar_rm", local["rm"]), storage_source("vader_sentiment", None)])
+    assert [source.path for source in reward_for_actors(reward).sources] == [f"{root}/rm", None]
+
+
+def storage_source(name, path):
+    from raylign.common.config import RewardSourceConfig
+
+    return RewardSourceConfig.model_construct(name=name, path=path, weight=1.0)
+
+
+def test_prune_deletes_only_copies_idle_longer_than_asked_and_lists_them_first(tmp_path, capsys):
+    from raylign.cluster.cli import main
+
+    for name in ("old", "new"):
+        upload_dir(make_stage_dir(tmp_path / "out" / name), f"file://{tmp_path}/store/{name}")
+    old, new = (Path(local_copy(f"file://{tmp_path}/store/{name}")) for name in ("old", "new"))
+    ten_days_ago = os.path.getmtime(old.parent) - 10 * 86400
+    os.utime(old.parent, (ten_days_ago, ten_days_ago))
+
+    assert main(["cache", "prune", "--older-than-days", "7", "--dry-run"]) == 0
+    assert f"file://{tmp_path}/store/old" in capsys.readouterr().out and old.is_dir()
+    assert main(["cache", "prune", "--older-than-days", "7"]) == 0
+    assert "1 copies" in capsys.readouterr().out
+    assert not old.parent.exists() and new.is_dir()
+    # Opening a copy again counts as a use: it is not idle.
+    assert Path(local_copy(f"file://{tmp_path}/store/new")) == new
+    assert storage.prune_cache(60) == []
+    assert main(["cache", "prune", "--older-than-days", "-1"]) == 2
