@@ -19,22 +19,16 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from raylign.common.data import BUILTIN_REVIEWS, review_sentence, review_vocabulary, synthetic_prompt
+from raylign.common.data import BUILTIN_REVIEWS, MOODS, review_continuation, review_vocabulary, synthetic_prompt
 from raylign.common.preference_data import PreferenceExample
 
 BUILTIN_PREFERENCES = "builtin:movie-preferences"
 BUILTIN_SENTIMENT = "builtin:movie-sentiment"
 DEFAULT_ROWS = 2000
-MOODS = ("positive", "negative", "neutral")
 
 
 # What an opening's subject is about: the prompt categories of the built-in data.
-REVIEW_CATEGORIES = {
-    "overall": ("the movie", "this film", "the sequel", "the first half", "the ending"),
-    "story": ("the story", "the plot", "the script", "the dialogue", "the characters"),
-    "people": ("the acting", "the director", "the cast", "the lead actor", "the villain"),
-    "craft": ("the music", "the soundtrack", "the camera work"),
-}
+REVIEW_CATEGORIES = {category: tuple(subjects) for category, subjects in review_vocabulary()["categories"].items()}
 
 
 def review_category(opening: str) -> str:
@@ -42,19 +36,7 @@ def review_category(opening: str) -> str:
     for category, subjects in REVIEW_CATEGORIES.items():
         if any(f" {subject} " in f" {opening} " for subject in subjects):
             return category
-    raise ValueError(f"opening {opening!r} names no known subject; the built-in vocabulary changed without REVIEW_CATEGORIES")
-
-
-def review_continuation(rng: random.Random, mood: str) -> str:
-    """What follows an opening such as 'Honestly, the plot was': adjectives, a second sentence, maybe a verdict."""
-    vocabulary = review_vocabulary()
-    adjective = rng.choice(vocabulary[mood])
-    if rng.random() < 0.4:
-        adjective = f"{adjective} and {rng.choice(vocabulary[mood])}"
-    parts = [f"{adjective}.", review_sentence(rng, mood).capitalize() + "."]
-    if mood != "neutral" and rng.random() < 0.5:
-        parts.append(rng.choice(vocabulary[f"{mood}_tails"]).capitalize() + ".")
-    return " ".join(parts)
+    raise ValueError(f"opening {opening!r} names no subject of the built-in reviews ({len(REVIEW_CATEGORIES)} categories)")
 
 
 def movie_reviews(num_rows: int = DEFAULT_ROWS, seed: int = 0) -> list[PreferenceExample]:

@@ -80,7 +80,9 @@ def warm_twin(twin_dirs, tmp_path_factory):
             torch.manual_seed(0)
             tokenizer = AutoTokenizer.from_pretrained(twin_dirs[family])
             model = AutoModelForCausalLM.from_pretrained(twin_dirs[family])
-            sft_train(model, tokenizer, builtin_corpus_texts(), steps=250, batch_size=16, learning_rate=3e-3,
+            # 600 steps: after 250 (loss 1.14 on the gemma twin, against 0.98) GRPO raised the reward of half
+            # the twins by less than 0.25 in 16 steps; after 600 every twin's fitted rise is 0.29-0.77.
+            sft_train(model, tokenizer, builtin_corpus_texts(), steps=600, batch_size=16, learning_rate=3e-3,
                       max_length=48, seed=0)
             output = tmp_path_factory.mktemp(f"warm-{family}")
             model.save_pretrained(output)

@@ -120,3 +120,37 @@ def test_tiny_model_command_builds_the_twin_it_is_asked_for(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(tmp_path / "pythia")
     config = json.loads((tmp_path / "pythia" / "config.json").read_text())
     assert config["architectures"] == ["GPTNeoXForCausalLM"]
+
+
+def test_builtin_review_words_carry_their_moods_sign_in_vader():
+    from raylign.actors.rewards import vader_sentiment
+    from raylign.common.data import review_vocabulary
+
+    vocabulary = review_vocabulary()
+
+    def compound(texts):
+        return vader_sentiment([], texts)
+
+    assert min(compound([f"the movie was {w}" for w in vocabulary["positive"]])) > 0.1
+    assert max(compound([f"the movie was {w}" for w in vocabulary["negative"]])) < -0.1
+    # Everything but the mood's adjectives and verdicts is sentiment-free, so the reward reads the mood alone.
+    neutral = ([f"the movie was {w}" for w in vocabulary["neutral"]] + [f"the movie was {w} long" for w in vocabulary["adverbs"]]
+               + [f"{s} {v} long" for s in vocabulary["subjects"] for v in vocabulary["verbs"]]
+               + [f"it had a long {n}" for n in vocabulary["nouns"]] + vocabulary["neutral_tails"])
+    assert set(compound(neutral)) == {0.0}
+    assert min(compound(vocabulary["positive_tails"])) >= 0.0 and max(compound(vocabulary["negative_tails"])) <= 0.0
+
+
+def test_builtin_review_continuations_are_diverse_and_balanced():
+    import random
+    import statistics
+
+    from raylign.actors.rewards import vader_sentiment
+    from raylign.common.data import builtin_corpus_texts, review_continuation
+    from raylign.common.eval_metrics import distinct_n
+
+    # What the quickstart's test set pools (64 prompts x 4 continuations) bounds the distinct-2 a model trained
+    # on the corpus can show; positive continuations alone are what a sentiment reward leaves.
+    rng = random.Random(0)
+    assert distinct_n([" ".join(review_continuation(rng, "positive").split()[:10]) for _ in range(256)], 2) > 0.45
+    assert abs(statistics.fmean(vader_sentiment([], builtin_corpus_texts(num_texts=1000)))) < 0.1

@@ -393,7 +393,7 @@ def sentiment_reward_model(tiny_model_dir, tokenizer):
 
     torch.manual_seed(0)
     model = ClassifierRewardModel.from_base(tiny_model_dir, dropout=0.0)
-    history = train_reward_classifier(model, tokenizer, [review(i % 2) for i in range(128)], steps=60, batch_size=16,
+    history = train_reward_classifier(model, tokenizer, [review(i % 2) for i in range(128)], steps=80, batch_size=16,
                                       learning_rate=3e-3, max_length=32, seed=0)
     assert history[-1]["accuracy"] == 1.0
     return model.eval().requires_grad_(False)

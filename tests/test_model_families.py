@@ -37,9 +37,18 @@ def run(tmp_path, model_dir, *overrides):
     return metrics, results
 
 
-def mean(values):
-    values = list(values)
-    return sum(values) / len(values)
+def fitted_rise(values: list[float]) -> float:
+    """The slope of the least-squares line through (step, value), times the number of steps."""
+    steps = range(len(values))
+    step_mean, value_mean = sum(steps) / len(values), sum(values) / len(values)
+    slope = (sum((s - step_mean) * (v - value_mean) for s, v in zip(steps, values))
+             / sum((s - step_mean) ** 2 for s in steps))
+    return slope * len(values)
+
+
+def test_fitted_rise_is_the_least_squares_slope_times_the_steps():
+    assert fitted_rise([0.0, 0.1, 0.2, 0.3]) == pytest.approx(0.4)
+    assert fitted_rise([1.0, 0.0, 1.0, 0.0]) == pytest.approx(-0.8)  # slope -1.0 / 5 = -0.2 per step
 
 
 @pytest.mark.slow
@@ -48,13 +57,15 @@ def test_grpo_raises_reward_on_every_twin_with_the_transformers_engine(family, w
     # GPT-2 keeps the quickstart's rollout.backend=vllm: vLLM has no LoRA for it, so start-up falls back.
     backend = [] if family == "gpt2" else ["rollout.backend=hf"]
     # Plain prompts, as the twins were warm-started on plain text; the chat template is exercised on vLLM below.
-    # 14 steps: measured at 20, every twin's rise over the first 14 was 0.46-0.75 (4-step windows), against 0.25.
-    metrics, results = run(tmp_path, warm_twin(family), "train.steps=14", "train.learning_rate=4e-3",
+    metrics, results = run(tmp_path, warm_twin(family), "train.steps=16", "train.learning_rate=4e-3",
                            "data.chat_template=false", *backend)
     assert results["rollout_engine"]["backend"] == "hf" and results["rollout_engine"]["weight_sync"] == "lora"
     assert max(m["rollout/logprob_gap"] for m in metrics) < 1e-4
-    first, last = mean(m["reward_mean"] for m in metrics[:4]), mean(m["reward_mean"] for m in metrics[-4:])
-    assert last > first + 0.25, (family, first, last)
+    # The rise of a least-squares line through every step's mean reward (a 32-sample step mean has a standard
+    # error of ~0.07, so 4-step windows at either end are noisy). Measured over 16 steps: 0.29-0.77 on the
+    # twins, each slope more than 3.4 standard errors from zero; a run that learns nothing fits ~0.
+    rewards = [m["reward_mean"] for m in metrics]
+    assert fitted_rise(rewards) > 0.2, (family, [round(r, 3) for r in rewards])
 
 
 @pytest.mark.slow

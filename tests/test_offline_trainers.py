@@ -241,7 +241,7 @@ def test_classifier_reward_model_trains_only_its_head(tiny_model_dir, tokenizer)
     val = [review(i % 2) for i in range(48)]
     model = MeanPoolClassifier(tiny_model_dir)
     backbone_before = {n: p.clone() for n, p in model.backbone.named_parameters()}
-    history = reward_training.train_reward_classifier(model, tokenizer, train, val_examples=val, steps=60, batch_size=16,
+    history = reward_training.train_reward_classifier(model, tokenizer, train, val_examples=val, steps=120, batch_size=16,
                                                       learning_rate=3e-3, max_length=32, seed=0)
     assert all(torch.equal(p, backbone_before[n]) for n, p in model.backbone.named_parameters())
     assert history[-1]["val/accuracy"] > 0.9

