@@ -236,6 +236,14 @@ def test_a_storage_uri_pyarrow_cannot_read_is_refused_naming_the_field_value_and
     assert "s3://bucket/prefix" in message and "shared filesystem path" in message
 
 
+def test_a_storage_uri_with_a_query_string_is_refused_since_stage_paths_are_appended_to_it(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        pipeline(tmp_path, "s3://bucket/store?endpoint_override=127.0.0.1:9000&scheme=http")
+    message = str(error.value)
+    assert "storage = 's3://bucket/store?endpoint_override=127.0.0.1:9000&scheme=http': a URI with a query string" in message
+    assert "AWS_ENDPOINT_URL" in message
+
+
 def test_unreachable_storage_fails_before_any_stage_naming_the_field(tmp_path):
     from raylign.cluster.pipeline import run_pipeline
 
