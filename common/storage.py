@@ -23,8 +23,13 @@ URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 # Uploaded last: a stage directory in storage counts as done once this file is there.
 DONE_FILE = "results.json"
+# What pyarrow's S3 filesystem reads from the environment of each process that opens an s3:// URI.
+S3_ENV = "AWS_ENDPOINT_URL (an S3-compatible store), AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION"
 FIX = ("use a directory every node sees (a shared filesystem path) or a URI pyarrow.fs reads: "
        "s3://bucket/prefix, gs://bucket/prefix, hdfs://host/path or file:///path")
+# Ray's workers have the environment their node's Ray started with, not the driver's.
+READ_FIX = (f"check the URI, and for S3 that this process has {S3_ENV} in its environment (on a cluster: every "
+            f"node, before Ray starts); or {FIX}")
 
 
 class StorageError(ValueError):
@@ -42,6 +47,12 @@ def check_location(value: str, field: str = "storage") -> None:
         raise StorageError(f"{field} = '{value}': pyarrow.fs has no filesystem for '{match.group(1)}://'; {FIX}")
     if not value.strip():
         raise StorageError(f"{field} = '{value}' is empty; {FIX}")
+    if match is not None and "?" in value:
+        # join() appends each stage's name after the query string, which pyarrow then reads as part of it.
+        raise StorageError(
+            f"{field} = '{value}': a URI with a query string ('?...') cannot take the stages' paths appended; "
+            f"drop it and set the endpoint and credentials in the environment instead (for S3: {S3_ENV})"
+        )
 
 
 def join(base: str, *parts: str) -> str:
@@ -60,7 +71,7 @@ def filesystem(location: str):
     try:
         return pafs.FileSystem.from_uri(location)
     except Exception as error:  # pyarrow raises ArrowInvalid, OSError or its own for unknown schemes and bad hosts
-        raise StorageError(f"'{location}' cannot be opened ({type(error).__name__}: {error}); {FIX}") from error
+        raise StorageError(f"'{location}' cannot be opened ({type(error).__name__}: {error}); {READ_FIX}") from error
 
 
 def exists(location: str) -> bool:
@@ -88,8 +99,7 @@ def check_reachable(location: str, field: str = "storage") -> None:
         cause = error.__cause__ if isinstance(error, StorageError) and error.__cause__ else error
         raise StorageError(
             f"{field} = '{location}' cannot be reached or written ({type(cause).__name__}: {cause}); check the "
-            f"path, the bucket and its credentials (for S3: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an instance "
-            f"role), or {FIX}"
+            f"path, the bucket and its credentials (for S3: {S3_ENV} in the environment, or an instance role), or {FIX}"
         ) from error
 
 
@@ -140,7 +150,7 @@ def local_copy(path: str | os.PathLike) -> str:
     try:
         info = fs.get_file_info(remote)
     except Exception as error:
-        raise StorageError(f"'{path}' cannot be read ({type(error).__name__}: {error}); {FIX}") from error
+        raise StorageError(f"'{path}' cannot be read ({type(error).__name__}: {error}); {READ_FIX}") from error
     if info.type == pafs.FileType.NotFound:
         raise StorageError(
             f"'{path}' does not exist in storage; check the URI (for a pipeline artefact: did its stage finish "

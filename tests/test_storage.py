@@ -1,5 +1,5 @@
-"""The pipeline's `storage` root (common/storage.py, cluster/pipeline.py): file:// URIs stand in for S3 and
-GCS, since pyarrow.fs serves every scheme through the same calls."""
+"""The pipeline's `storage` root (common/storage.py, cluster/pipeline.py) on file:// URIs and plain directories
+(tests/test_storage_s3.py runs the same calls on s3:// against a local S3 server)."""
 
 import json
 import os
@@ -236,6 +236,14 @@ def test_a_storage_uri_pyarrow_cannot_read_is_refused_naming_the_field_value_and
     assert "s3://bucket/prefix" in message and "shared filesystem path" in message
 
 
+def test_a_storage_uri_with_a_query_string_is_refused_since_stage_paths_are_appended_to_it(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        pipeline(tmp_path, "s3://bucket/store?endpoint_override=127.0.0.1:9000&scheme=http")
+    message = str(error.value)
+    assert "storage = 's3://bucket/store?endpoint_override=127.0.0.1:9000&scheme=http': a URI with a query string" in message
+    assert "AWS_ENDPOINT_URL" in message
+
+
 def test_unreachable_storage_fails_before_any_stage_naming_the_field(tmp_path):
     from raylign.cluster.pipeline import run_pipeline
 
@@ -333,6 +341,12 @@ def test_an_evaluate_stage_gets_a_local_copy_of_each_rl_run_around_its_checkpoin
 
 @pytest.mark.slow
 def test_a_pipeline_with_storage_runs_each_stage_from_storage_alone_and_skips_both_on_rerun(ray_session, tmp_path, monkeypatch):
+    run_sft_then_rm_from_storage_alone(tmp_path, monkeypatch, f"file://{tmp_path}/store")
+
+
+def run_sft_then_rm_from_storage_alone(tmp_path: Path, monkeypatch, store: str) -> None:
+    """The SFT -> reward-model pipeline with `storage: store`, each stage's output moved away once uploaded (the
+    next stage runs as if on another node: only storage holds it); then a re-run, which skips both stages."""
     import torch
 
     from raylign.cluster import pipeline as pipeline_module
@@ -344,35 +358,35 @@ def test_a_pipeline_with_storage_runs_each_stage_from_storage_alone_and_skips_bo
     else:
         monkeypatch.setenv("XDG_CACHE_HOME", ACTORS_CACHE_HOME)
     before = set(cache_dir().iterdir()) if cache_dir().is_dir() else set()
-    store = f"file://{tmp_path}/store"
     config = pipeline(tmp_path, store)
-    uploaded = pipeline_module.store_stage
+    store_stage = pipeline_module.store_stage
 
-    def store_then_forget(stage, stage_dir, stored, results):
-        # The next stage runs as if on another node: only storage holds this stage's output.
-        results = uploaded(stage, stage_dir, stored, results)
-        shutil.rmtree(stage_dir)
+    def store_then_move_away(stage, stage_dir, stored, results):
+        results = store_stage(stage, stage_dir, stored, results)
+        (tmp_path / "moved").mkdir(exist_ok=True)
+        shutil.move(stage_dir, tmp_path / "moved" / stage_dir.name)
         return results
 
-    monkeypatch.setattr(pipeline_module, "store_stage", store_then_forget)
+    monkeypatch.setattr(pipeline_module, "store_stage", store_then_move_away)
     try:
         summary = pipeline_module.run_pipeline(config)
 
         assert [row["status"] for row in summary["stages"]] == ["done", "done"]
         assert [row["artefact"] for row in summary["stages"]] == [f"{store}/sft", f"{store}/rm"]
         assert not (tmp_path / "out" / "sft").exists() and not (tmp_path / "out" / "rm").exists()
-        assert (tmp_path / "store" / "sft" / "model.safetensors").is_file()
+        assert storage.exists(f"{store}/sft/model.safetensors")
         # The RM stage trained on the SFT model it read from storage.
-        rm_stage = yaml.safe_load((tmp_path / "store" / "rm" / "stage.yaml").read_text())
+        rm_stage = yaml.safe_load(storage.read_text(f"{store}/rm/stage.yaml"))
         assert rm_stage["model"]["path"] == f"{store}/sft"
-        stored = json.loads((tmp_path / "store" / "rm" / "results.json").read_text())
+        stored = json.loads(storage.read_text(f"{store}/rm/results.json"))
         assert stored["stored_artefact"] == "." and stored["steps"] == 3  # relative: the bucket may move
 
+        # Read back from storage, the reward model scores as the one the stage wrote.
         reward_model = load_reward_model(f"{store}/rm", "scalar")
-        direct = load_reward_model(str(tmp_path / "store" / "rm"), "scalar")
+        written = load_reward_model(str(tmp_path / "moved" / "rm"), "scalar")
         texts = (["The movie was"] * 2, ["wonderful and fun.", "awful and dull."])
         assert torch.allclose(torch.tensor(reward_model.score_prompt_completions(*texts)),
-                              torch.tensor(direct.score_prompt_completions(*texts)))
+                              torch.tensor(written.score_prompt_completions(*texts)))
 
         shutil.rmtree(tmp_path / "out")
         again = pipeline_module.run_pipeline(config)
