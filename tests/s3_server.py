@@ -1,32 +1,60 @@
-"""A local S3 server (moto, in a thread of the test process) for the tests of `storage: s3://...`: offline, on
-127.0.0.1 and a port the OS picks."""
+"""A local S3 server (moto, in a child process) for the tests of `storage: s3://...`: offline, on 127.0.0.1.
+
+A child process, not a thread: moto's server is a Flask app, and once Flask is imported into the test process
+an in-process vLLM engine fails to start (vLLM 0.32's CPU platform walks every module's globals at start-up and
+trips over Flask's `current_app` proxy, which raises RuntimeError outside an application context)."""
 
 from __future__ import annotations
 
-import logging
+import socket
+import subprocess
+import sys
+import time
 import uuid
 from contextlib import contextmanager
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_until_listening(port: int, server: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"moto's S3 server exited with status {server.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"moto's S3 server did not listen on 127.0.0.1:{port} within {timeout_s:.0f} s")
 
 
 @contextmanager
 def running_s3_server():
     """Start the server; yields the environment that points pyarrow (and boto3) at it: the endpoint,
     made-up credentials and a region. Stops it on exit."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        _wait_until_listening(port, server)
         yield {
-            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
             "AWS_ACCESS_KEY_ID": "raylign-test",
             "AWS_SECRET_ACCESS_KEY": "raylign-test",
             "AWS_DEFAULT_REGION": "us-east-1",
         }
     finally:
-        server.stop()
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 def create_bucket(env: dict[str, str]) -> str:
