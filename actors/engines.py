@@ -138,6 +138,7 @@ class VLLMEngine:
         gpu_memory_utilization: float = 0.4,
         keep_versions: int = 1,
         enable_lora: bool = True,
+        enforce_eager: bool = True,
     ):
         from vllm import LLM
 
@@ -151,7 +152,7 @@ class VLLMEngine:
             **lora_args,
             max_model_len=max_model_len,
             logprobs_mode="processed_logprobs",
-            enforce_eager=True,
+            enforce_eager=enforce_eager,
             gpu_memory_utilization=gpu_memory_utilization,
         )
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None

@@ -27,6 +27,7 @@ class RolloutWorker:
         lora_rank: int = 8,
         kv_cache_gib: int = 1,
         gpu_memory_utilization: float = 0.4,
+        enforce_eager: bool = True,
         device: str = "cpu",
         weight_sync: str = "lora",
         keep_versions: int = 1,
@@ -54,7 +55,8 @@ class RolloutWorker:
 
             self.engine = VLLMEngine(model_path, max_model_len=max_model_len, dtype=dtype, seed=seed,
                                      max_lora_rank=lora_rank, gpu_memory_utilization=gpu_memory_utilization,
-                                     keep_versions=keep_versions, enable_lora=weight_sync == "lora")
+                                     keep_versions=keep_versions, enable_lora=weight_sync == "lora",
+                                     enforce_eager=enforce_eager)
         elif backend == "hf":
             from raylign.actors.engines import HFEngine
 
@@ -135,7 +137,7 @@ def torch_threads(threads: int) -> None:
 
 
 # The arguments an engine is built from; the seed and threads are not among them (see reset_in_place).
-ENGINE_ARGUMENTS = ("backend", "model_path", "dtype", "lora_rank", "kv_cache_gib", "gpu_memory_utilization", "device",
+ENGINE_ARGUMENTS = ("backend", "model_path", "dtype", "lora_rank", "kv_cache_gib", "gpu_memory_utilization", "enforce_eager", "device",
                     "weight_sync", "keep_versions", "max_model_len", "hf_max_batch_rows")
 
 

@@ -13,9 +13,23 @@ from raylign.cluster.placement import worker_placement
 from raylign.cluster.ray_setup import wait_for_restart
 from raylign.cluster.warm_actors import keep_or_stop, start_or_reuse
 from raylign.common.config import RunConfig
-from raylign.common.engine_support import engine_plan
+from raylign.common.engine_support import EnginePlan, engine_plan
 from raylign.common.model_checks import hub_model_architecture, max_positions
 from raylign.common.types import PromptItem, Sample, SamplingSettings
+
+
+def worker_arguments(config: RunConfig, plan: EnginePlan, model_path: str, count: int, max_model_len: int) -> list[dict]:
+    """RolloutWorker's arguments for each of `count` workers (rank r samples with seed config.seed + r)."""
+    rollout = config.rollout
+    return [dict(
+        backend=plan.backend, model_path=model_path, dtype=config.model.dtype, seed=config.seed + rank,
+        threads=rollout.threads or 1, lora_rank=config.model.lora.r, kv_cache_gib=rollout.vllm_kv_cache_gib,
+        gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
+        enforce_eager=rollout.num_gpus == 0 if rollout.vllm_enforce_eager is None else rollout.vllm_enforce_eager,
+        device="cuda" if rollout.num_gpus > 0 else "cpu", weight_sync=plan.weight_sync,
+        keep_versions=rollout.keep_versions, max_model_len=max_model_len,
+        hf_max_batch_rows=rollout.hf_max_batch_rows,
+    ) for rank in range(count)]
 
 
 class RolloutPool:
@@ -31,14 +45,7 @@ class RolloutPool:
         # current policy into it and re-dispatches its work item, so no prompt is lost.
         count = num_workers or rollout.num_workers
         log_dir = actor_log_dir(config)
-        arguments = [dict(
-            backend=self.plan.backend, model_path=model_path, dtype=config.model.dtype, seed=config.seed + rank,
-            threads=rollout.threads or 1, lora_rank=config.model.lora.r, kv_cache_gib=rollout.vllm_kv_cache_gib,
-            gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
-            device="cuda" if rollout.num_gpus > 0 else "cpu", weight_sync=self.plan.weight_sync,
-            keep_versions=rollout.keep_versions, max_model_len=max_model_len,
-            hf_max_batch_rows=rollout.hf_max_batch_rows,
-        ) for rank in range(count)]
+        arguments = worker_arguments(config, self.plan, model_path, count, max_model_len)
         self.reuse_key = reuse_key(config, count, arguments[0])
 
         def start() -> tuple:

@@ -164,6 +164,15 @@ class RolloutConfig(Section):
     )
     vllm_kv_cache_gib: int = Field(1, ge=1, description="vLLM CPU KV-cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE).")
     vllm_gpu_memory_utilization: float = Field(0.4, gt=0, le=1.0, description="Share of GPU memory vLLM may take (GPU only).")
+    vllm_enforce_eager: bool | None = Field(
+        None,
+        description=(
+            "vLLM's enforce_eager: true runs the model eagerly (no torch.compile, no CUDA graphs; the engine starts "
+            "sooner), false lets vLLM compile it and capture CUDA graphs. None (default): eager on CPU, where "
+            "compiling gained nothing here (86M Llama: 2.85 s against 2.68 s eager for 32 x 24 tokens), and vLLM's "
+            "own default (CUDA graphs) on a GPU, where they speed up decoding."
+        ),
+    )
     sync_tolerance: float = Field(
         1e-3, gt=0,
         description=(

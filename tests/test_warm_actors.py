@@ -118,3 +118,20 @@ def test_a_reset_vllm_worker_keeps_its_engine_for_the_same_model_and_builds_a_fr
     rebuilt = sample(worker, qwen)
     del worker, engine
     assert rebuilt == sample(RolloutWorker("vllm", qwen, max_model_len=64), qwen)
+
+
+@pytest.mark.parametrize("num_gpus, asked, eager", [(0, None, True), (1, None, False), (1, True, True), (0, False, False)])
+def test_vllm_runs_eagerly_on_cpu_and_captures_cuda_graphs_on_a_gpu_unless_told_and_it_names_the_engine(
+        num_gpus, asked, eager):
+    from raylign.actors.rollout_worker import engine_identity
+    from raylign.cluster.rollout_pool import worker_arguments
+    from raylign.common.engine_support import engine_plan
+
+    overrides = [f"rollout.num_gpus={num_gpus}"] + ([] if asked is None else [f"rollout.vllm_enforce_eager={str(asked).lower()}"])
+    config = load_config("configs/quickstart.yaml", overrides)
+    plan = engine_plan("vllm", "lora", "LlamaForCausalLM")
+    arguments = worker_arguments(config, plan, "builtin:tiny-llama", 2, 64)
+    assert [a["enforce_eager"] for a in arguments] == [eager, eager] and [a["seed"] for a in arguments] == [0, 1]
+    # A kept worker keeps its engine only for the same enforce_eager (cluster/warm_actors.py).
+    other = engine_identity({**arguments[0], "enforce_eager": not eager})
+    assert engine_identity(arguments[0]) != other
