@@ -239,9 +239,15 @@ def for_actors(path: str | None) -> str | None:
 
 
 def reward_for_actors(reward: RewardConfig) -> RewardConfig:
-    """The reward config with each reward model's path as the actors get it (for_actors)."""
-    return reward.model_copy(update={"sources": [
-        source.model_copy(update={"path": for_actors(source.path)}) for source in reward.sources]})
+    """The reward config with each reward model's path, and a seqcls_rm's adapter (options.adapter), as the
+    actors get them (for_actors)."""
+    def for_reward_actors(source):
+        options = dict(source.options)
+        if options.get("adapter") is not None:
+            options["adapter"] = for_actors(options["adapter"])
+        return source.model_copy(update={"path": for_actors(source.path), "options": options})
+
+    return reward.model_copy(update={"sources": [for_reward_actors(source) for source in reward.sources]})
 
 
 def pool_config(config: EvaluateConfig, base: str, lora_rank: int, verbose: bool = False) -> RunConfig:

