@@ -120,6 +120,8 @@ def bench_main(argv: list[str]) -> int:
     staleness.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds to run at each staleness")
     staleness.add_argument("--placement", choices=["colocate", "split"], default="colocate", help="cluster.placement")
     args = parser.parse_args(argv)
+    # The JSON is written after minutes of runs (and partially after each): its folder must exist first.
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     if args.benchmark == "staleness":
         from raylign.cluster.bench_staleness import bench_staleness
 
