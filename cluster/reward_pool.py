@@ -40,9 +40,7 @@ class RewardPool:
 
     def release(self) -> None:
         """Stop the workers and free their placement group, or keep them for the next run inside keeping_actors()."""
-        # A restarted actor has used some of its Ray restarts (max_restarts counts over the actor's life): the
-        # next run gets fresh ones.
-        keep_or_stop(self.reuse_key if self.restarts == 0 else None, self.placement, self.workers)
+        keep_or_stop(self.reuse_key, self.placement, self.workers, restarts=self.restarts)
 
     def score_batch(self, samples: list[Sample], normalize: bool = True) -> RewardResult:
         """Score a batch; `normalize=False` (evaluation) leaves the running statistics untouched."""

@@ -68,9 +68,7 @@ class RolloutPool:
 
     def release(self) -> None:
         """Stop the workers and free their placement group, or keep them for the next run inside keeping_actors()."""
-        # A restarted actor has used some of its Ray restarts (max_restarts counts over the actor's life): the
-        # next run gets fresh ones.
-        keep_or_stop(self.reuse_key if self.restarts == 0 else None, self.placement, self.workers)
+        keep_or_stop(self.reuse_key, self.placement, self.workers, restarts=self.restarts)
 
     def generate(self, prompts: list[PromptItem], settings: SamplingSettings | None = None) -> list[Sample]:
         """Work items of `rollout.dispatch_chunk` prompts go to whichever actor is free; results return in prompt order.

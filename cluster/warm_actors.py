@@ -97,11 +97,12 @@ def start_or_reuse(key: Hashable, start: Callable[[], tuple[object, list]], rese
     return group.placement, group.actors
 
 
-def keep_or_stop(key: Hashable | None, placement, actors: list) -> None:
-    """At the end of a run: shelve the group inside `keeping_actors()` (key None: never reusable; a group with
-    a dead actor is not kept), else stop it."""
+def keep_or_stop(key: Hashable | None, placement, actors: list, restarts: int = 0) -> None:
+    """At the end of a run: shelve the group inside `keeping_actors()`, else stop it. Never kept: key None, a
+    group with a dead actor, and one whose actors Ray restarted (`restarts` > 0: they used some of their
+    max_restarts, which count over an actor's life, so the next run gets fresh ones)."""
     group = KeptGroup(key, placement, actors)
-    if _shelf is not None and key is not None and alive(actors):
+    if _shelf is not None and key is not None and restarts == 0 and alive(actors):
         _shelf.put(group)
     else:
         stop(group)

@@ -81,7 +81,7 @@ def warm_twin(twin_dirs, tmp_path_factory):
             tokenizer = AutoTokenizer.from_pretrained(twin_dirs[family])
             model = AutoModelForCausalLM.from_pretrained(twin_dirs[family])
             # 600 steps: after 250 (loss 1.14 on the gemma twin, against 0.98) GRPO raised the reward of half
-            # the twins by less than 0.25 in 16 steps; after 600 every twin's fitted rise is 0.29-0.77.
+            # the twins by less than 0.25 in 16 steps; after 600 every twin's fitted rise is 0.27-0.72.
             sft_train(model, tokenizer, builtin_corpus_texts(), steps=600, batch_size=16, learning_rate=3e-3,
                       max_length=48, seed=0)
             output = tmp_path_factory.mktemp(f"warm-{family}")
@@ -103,17 +103,10 @@ def s3_env_before_ray(request):
         return
     from tests.s3_server import running_s3_server
 
-    with running_s3_server() as env:
-        before = {key: os.environ.get(key) for key in env}
-        os.environ.update(env)
-        try:
-            yield env
-        finally:
-            for key, value in before.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    with running_s3_server() as env, pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        yield env
 
 
 @pytest.fixture(scope="session")

@@ -14,11 +14,7 @@ import time
 import uuid
 from contextlib import contextmanager
 
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from tests.processes import free_port, stop_process
 
 
 def _wait_until_listening(port: int, server: subprocess.Popen, timeout_s: float = 60.0) -> None:
@@ -38,7 +34,7 @@ def _wait_until_listening(port: int, server: subprocess.Popen, timeout_s: float 
 def running_s3_server():
     """Start the server; yields the environment that points pyarrow (and boto3) at it: the endpoint,
     made-up credentials and a region. Stops it on exit."""
-    port = _free_port()  # free when asked; another process could take it before moto binds it (then: an error)
+    port = free_port()  # free when asked; another process could take it before moto binds it (then: an error)
     log = tempfile.TemporaryFile()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=log, stderr=subprocess.STDOUT)
@@ -56,12 +52,7 @@ def running_s3_server():
             "AWS_DEFAULT_REGION": "us-east-1",
         }
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server, timeout_s=10)
         log.close()
 
 

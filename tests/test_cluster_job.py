@@ -9,7 +9,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -19,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.processes import free_ports, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 HEAD_START_TIMEOUT_S = 120
@@ -31,14 +32,6 @@ def readme_job_submit_block() -> str:
     submits = [block for block in blocks if "ray job submit" in block]
     assert len(submits) == 1, f"README.md should have one ```bash block with `ray job submit`, found {len(submits)}"
     return submits[0]
-
-
-def free_ports(count: int) -> list[int]:
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
 
 
 def process_table() -> dict[int, tuple[int, int]]:
@@ -112,12 +105,7 @@ def ray_head(num_cpus: int):
         yield head
     finally:
         tree = descendants(process.pid)
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout_s=60)
         alive = process_table()
         for pid, started in tree.items():
             if pid in alive and alive[pid][1] == started:

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from raylign.actors.judge import (
     tally_judgments,
 )
 from raylign.common.statistics import win_rate_ci
+from tests.processes import free_port
 
 
 @pytest.mark.parametrize(
@@ -92,14 +92,8 @@ def test_judge_config_refuses_templates_without_the_three_placeholders_and_unkno
     assert JudgeConfig(base_url="http://h:1/v1/", model="m").base_url == "http://h:1/v1"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_an_unreachable_endpoint_raises_naming_the_url():
-    config = JudgeConfig(base_url=f"http://127.0.0.1:{_free_port()}/v1", model="m", max_retries=0, timeout=5)
+    config = JudgeConfig(base_url=f"http://127.0.0.1:{free_port()}/v1", model="m", max_retries=0, timeout=5)
     with pytest.raises(JudgeError, match=r"127\.0\.0\.1.*/v1/chat/completions failed after 1 attempt"):
         judge_win_rate(["p"], ["c"], ["b"], config)
 
@@ -107,7 +101,7 @@ def test_an_unreachable_endpoint_raises_naming_the_url():
 @pytest.fixture(scope="module")
 def vllm_server(tiny_model_dir, tmp_path_factory):
     """vLLM's OpenAI-compatible server on the tiny Llama, on loopback; always stopped at the end."""
-    port = _free_port()
+    port = free_port()
     log_path = Path(tmp_path_factory.mktemp("vllm-server")) / "server.log"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_NO_USAGE_STATS="1",
                VLLM_ENABLE_V1_MULTIPROCESSING="0")

@@ -79,11 +79,17 @@ def test_an_uploaded_directory_comes_back_byte_for_byte_under_its_own_name(tmp_p
 
 
 def test_a_cached_copy_is_reused_without_downloading_again(tmp_path, monkeypatch):
-    upload_dir(make_stage_dir(tmp_path / "out" / "sft"), f"file://{tmp_path}/store/sft")
+    check_a_cached_copy_is_reused(f"file://{tmp_path}/store", tmp_path, monkeypatch)
+
+
+def check_a_cached_copy_is_reused(store: str, tmp_path: Path, monkeypatch) -> None:
+    """A stage uploaded to `store` (file:// here, s3:// in tests/test_storage_s3.py) and opened twice is
+    downloaded once."""
+    upload_dir(make_stage_dir(tmp_path / "out" / "sft"), f"{store}/sft")
     copies = count_copies(monkeypatch)
 
-    first = local_copy(f"file://{tmp_path}/store/sft")
-    second = local_copy(f"file://{tmp_path}/store/sft")
+    first = local_copy(f"{store}/sft")
+    second = local_copy(f"{store}/sft")
 
     assert first == second and len(copies) == 1
     assert len(list(cache_dir().iterdir())) == 1

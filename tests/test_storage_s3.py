@@ -12,7 +12,14 @@ from raylign.common import storage
 from raylign.common.config import ConfigError
 from raylign.common.storage import cache_dir, local_copy, upload_dir
 from tests.s3_server import create_bucket, running_s3_server
-from tests.test_storage import count_copies, make_stage_dir, pipeline, run_sft_then_rm_from_storage_alone, tree
+from tests.test_storage import (
+    check_a_cached_copy_is_reused,
+    count_copies,
+    make_stage_dir,
+    pipeline,
+    run_sft_then_rm_from_storage_alone,
+    tree,
+)
 from tests.test_storage import own_cache  # noqa: F401  (autouse: every test gets a cache of its own)
 
 
@@ -47,14 +54,7 @@ def test_an_uploaded_directory_comes_back_from_s3_byte_for_byte_under_its_own_na
 
 
 def test_a_cached_copy_from_s3_is_reused_without_downloading_again(s3, tmp_path, monkeypatch):
-    upload_dir(make_stage_dir(tmp_path / "out" / "sft"), f"{s3}/store/sft")
-    copies = count_copies(monkeypatch)
-
-    first = local_copy(f"{s3}/store/sft")
-    second = local_copy(f"{s3}/store/sft")
-
-    assert first == second and len(copies) == 1
-    assert len(list(cache_dir().iterdir())) == 1
+    check_a_cached_copy_is_reused(f"{s3}/store", tmp_path, monkeypatch)
 
 
 def test_a_stage_uploaded_again_to_s3_with_files_of_the_same_sizes_is_downloaded_again(s3, tmp_path):
