@@ -28,6 +28,9 @@ MODES = {
     "raylign_hf": ["rollout.backend=hf"],
     "raylign_vllm_staleness1_split": ["rollout.backend=vllm", "rollout.max_staleness=1",
                                       "algorithm.importance_sampling_cap=2.0", "cluster.placement=split"],
+    # Colocated, one step stale: generation of step t+1 and learning of step t share all the cores at once.
+    "raylign_vllm_staleness1": ["rollout.backend=vllm", "rollout.max_staleness=1", "algorithm.importance_sampling_cap=2.0"],
+    "raylign_hf_staleness1": ["rollout.backend=hf", "rollout.max_staleness=1", "algorithm.importance_sampling_cap=2.0"],
 }
 # A ~86M-parameter Llama of the tiny model's family: random weights, the time per step is the figure.
 LARGE_LLAMA = {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12,

@@ -21,7 +21,7 @@ from raylign.actors.reward_worker import check_invalid_fraction
 from raylign.cluster.console import actor_log_dir, run_console
 from raylign.cluster.evaluation import EvalPrompts, Evaluator, load_eval_prompts
 from raylign.cluster.learner_group import LearnerGroup
-from raylign.cluster.placement import with_threads
+from raylign.cluster.placement import actor_env_vars, with_threads
 from raylign.cluster.prompts import PromptCursor, PromptEncoder, PromptSampler
 from raylign.cluster.ray_setup import start_ray
 from raylign.cluster.reward_pool import RewardPool
@@ -116,7 +116,7 @@ def run_training(inputs: RunInputs, output_dir: Path, releases: list) -> dict:
     # reward actors at once, the rollout actors as soon as the model they sample exists, while the learner
     # loads. Only rollout actors that may share a GPU with the learner wait for it, so that vLLM's memory
     # profile sees the learner's weights and adapter.
-    rewards = RewardPool(config.reward, log_dir=actor_log_dir(config))
+    rewards = RewardPool(config.reward, log_dir=actor_log_dir(config), env_vars=actor_env_vars(config))
     releases.append(rewards.release)
     learners = LearnerGroup(config, model_path)
     releases.append(learners.release)

@@ -40,6 +40,22 @@ def with_threads(config: RunConfig) -> RunConfig:
     })
 
 
+def actor_env_vars(config: RunConfig) -> dict[str, str]:
+    """Environment variables every actor of the run starts with (on top of Ray's job environment): OpenMP's
+    waiting policy, which the process reads once, when torch loads OpenMP (`cluster.omp_wait_policy`)."""
+    policy = config.cluster.omp_wait_policy
+    if policy == "auto":
+        if config.rollout.max_staleness == 0 or "OMP_WAIT_POLICY" in os.environ:
+            return {}
+        policy = "passive"
+    return {"OMP_WAIT_POLICY": policy.upper()}
+
+
+def actor_options(env_vars: dict[str, str]) -> dict:
+    """The `.options(...)` that start an actor with `env_vars` (none when empty: Ray's job environment)."""
+    return {"runtime_env": {"env_vars": env_vars}} if env_vars else {}
+
+
 def bundles(count: int, num_cpus: float, num_gpus: float) -> list[dict]:
     return [{"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus > 0 else {})}] * count
 
@@ -57,17 +73,19 @@ def worker_placement(count: int, num_cpus: float, num_gpus: float, strategy: str
 
 
 def start_ranks(actor, count: int, num_cpus: float, num_gpus: float, *args, log_dir: str | None = None,
-                reuse_key: Hashable | None = None) -> tuple:
+                reuse_key: Hashable | None = None, env_vars: dict[str, str] | None = None) -> tuple:
     """`count` actors of the remote class `actor`, built from `args`, in one STRICT_PACK placement group and
     joined as one data-parallel group (each has `join_learner_group(rank, world_size, group_name)`): the
     placement group, and the actors in rank order. Nothing is left reserved when a rank fails to start.
     With `reuse_key`, a group of that shape kept from an earlier run is reset to `args` instead
-    (cluster/warm_actors.py; its ranks stay joined); `log_dir` is where the actors write their output."""
+    (cluster/warm_actors.py; its ranks stay joined); `log_dir` is where the actors write their output;
+    `env_vars` their environment (`actor_env_vars`; part of `reuse_key`)."""
     import ray
 
     def start() -> tuple:
         group, bundle = worker_placement(count, num_cpus, num_gpus, "STRICT_PACK")
-        actors = [actor.options(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=bundle(rank)).remote(*args)
+        actors = [actor.options(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=bundle(rank),
+                                **actor_options(env_vars or {})).remote(*args)
                   for rank in range(count)]
         try:
             if count > 1:

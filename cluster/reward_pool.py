@@ -11,7 +11,7 @@ import ray
 
 from raylign.actors.reward_worker import RewardWorker
 from raylign.cluster.console import remote_actor
-from raylign.cluster.placement import worker_placement
+from raylign.cluster.placement import actor_options, worker_placement
 from raylign.cluster.ray_setup import wait_for_restart
 from raylign.cluster.warm_actors import keep_or_stop, start_or_reuse
 from raylign.common.config import RewardConfig
@@ -19,19 +19,24 @@ from raylign.common.types import RewardResult, Sample
 
 
 class RewardPool:
-    def __init__(self, config: RewardConfig, log_dir: str | None = None):
-        """`log_dir`: where the actors write their output (cluster/console.py); None leaves it to Ray."""
+    def __init__(self, config: RewardConfig, log_dir: str | None = None, env_vars: dict[str, str] | None = None):
+        """`log_dir`: where the actors write their output (cluster/console.py); None leaves it to Ray.
+        `env_vars`: the actors' environment on top of Ray's (cluster/placement.py's `actor_env_vars`)."""
+        env_vars = env_vars or {}
         # A crashed actor is restarted by Ray and the batch scored again. The running statistics live
         # here and travel with every call, so a restarted actor starts from the right state. A restarted
         # actor says so in its next result, so `restarts` also counts one killed between calls.
-        # Inside keeping_actors() workers of the same count, resources and restarts are handed on between runs.
-        self.reuse_key = ("reward", config.num_workers, config.num_cpus, config.num_gpus, config.max_restarts, log_dir is None)
+        # Inside keeping_actors() workers of the same count, resources, restarts and environment are handed on
+        # between runs.
+        self.reuse_key = ("reward", config.num_workers, config.num_cpus, config.num_gpus, config.max_restarts, log_dir is None,
+                          tuple(sorted(env_vars.items())))
 
         def start() -> tuple:
             placement, bundle = worker_placement(config.num_workers, config.num_cpus, config.num_gpus, "PACK")
             actor = remote_actor(RewardWorker, "reward", log_dir)
             return placement, [actor.options(num_cpus=config.num_cpus, num_gpus=config.num_gpus,
-                                             max_restarts=config.max_restarts, scheduling_strategy=bundle(rank)).remote(config)
+                                             max_restarts=config.max_restarts, scheduling_strategy=bundle(rank),
+                                             **actor_options(env_vars)).remote(config)
                                for rank in range(config.num_workers)]
 
         self.placement, self.workers = start_or_reuse(self.reuse_key, start, [(log_dir, (config,), {})] * config.num_workers)

@@ -9,7 +9,7 @@ import ray
 
 from raylign.actors.rollout_worker import NoPolicyError, RolloutWorker, engine_identity
 from raylign.cluster.console import actor_log_dir, remote_actor
-from raylign.cluster.placement import worker_placement
+from raylign.cluster.placement import actor_env_vars, actor_options, worker_placement
 from raylign.cluster.ray_setup import wait_for_restart
 from raylign.cluster.warm_actors import keep_or_stop, start_or_reuse
 from raylign.common.config import RunConfig
@@ -46,6 +46,7 @@ class RolloutPool:
         count = num_workers or rollout.num_workers
         log_dir = actor_log_dir(config)
         arguments = worker_arguments(config, self.plan, model_path, count, max_model_len)
+        env_vars = actor_env_vars(config)
         self.reuse_key = reuse_key(config, count, arguments[0])
 
         def start() -> tuple:
@@ -53,7 +54,7 @@ class RolloutPool:
             actor = remote_actor(RolloutWorker, "rollout", log_dir)
             return placement, [
                 actor.options(num_cpus=rollout.num_cpus, num_gpus=rollout.num_gpus, max_restarts=rollout.max_restarts,
-                              scheduling_strategy=bundle(rank)).remote(**arguments[rank])
+                              scheduling_strategy=bundle(rank), **actor_options(env_vars)).remote(**arguments[rank])
                 for rank in range(count)
             ]
 
@@ -138,7 +139,8 @@ def reuse_key(config: RunConfig, count: int, arguments: dict) -> tuple | None:
     weights overwrote its base weights."""
     rollout = config.rollout
     shape = ("rollout", count, rollout.num_cpus, rollout.num_gpus, rollout.max_restarts, config.cluster.rollout_strategy,
-             actor_log_dir(config) is None, arguments["backend"], arguments["device"], arguments["kv_cache_gib"])
+             actor_log_dir(config) is None, arguments["backend"], arguments["device"], arguments["kv_cache_gib"],
+             tuple(sorted(actor_env_vars(config).items())))
     if arguments["backend"] != "vllm" or arguments["device"] == "cpu":
         return shape
     if arguments["weight_sync"] != "lora":

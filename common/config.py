@@ -565,6 +565,16 @@ class ClusterConfig(Section):
         "PACK",
         description="Placement-group strategy of the rollout workers' bundles: PACK on as few nodes as fit, SPREAD across nodes.",
     )
+    omp_wait_policy: Literal["auto", "active", "passive"] = Field(
+        "auto",
+        description=(
+            "How the actors' OpenMP threads (torch's CPU kernels) wait between parallel regions: 'active' spins "
+            "(OpenMP's default; fastest while one phase runs at a time), 'passive' sleeps. 'auto': passive when "
+            "rollout.max_staleness > 0, where generation and learning run at once and spinning threads take each "
+            "other's cores (2.5x slower steps measured on 2 cores, benchmarks/staleness_30steps_omp_*.json), else "
+            "OpenMP's default. An OMP_WAIT_POLICY exported where raylign runs is left as it is under 'auto'."
+        ),
+    )
 
 
 class RunConfig(Section):

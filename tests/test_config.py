@@ -94,3 +94,20 @@ def test_threads_follow_the_placement_unless_set():
     split = with_threads(load_config("configs/quickstart.yaml", ["cluster.placement=split", "train.num_cpus=2"]))
     assert (split.train.threads, split.rollout.threads, split.reward.threads) == (2, 1, 1)
     assert with_threads(load_config("configs/quickstart.yaml")).train.threads == run_cores(load_config("configs/quickstart.yaml"))
+
+
+def test_actors_wait_passively_when_generation_and_learning_overlap_unless_told_otherwise(monkeypatch):
+    from raylign.cluster.placement import actor_env_vars, actor_options
+
+    def env(*overrides):
+        return actor_env_vars(load_config("configs/quickstart.yaml", list(overrides)))
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert env() == {} and actor_options({}) == {}  # on-policy: OpenMP's default (spinning is faster there)
+    assert env("rollout.max_staleness=1", "algorithm.importance_sampling_cap=2") == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert env("cluster.omp_wait_policy=active", "rollout.max_staleness=1", "algorithm.importance_sampling_cap=2") == {
+        "OMP_WAIT_POLICY": "ACTIVE"}
+    assert env("cluster.omp_wait_policy=passive") == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert actor_options({"OMP_WAIT_POLICY": "PASSIVE"}) == {"runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's own choice, inherited by a local Ray's workers
+    assert env("rollout.max_staleness=1", "algorithm.importance_sampling_cap=2") == {}

@@ -1,6 +1,7 @@
 """A run resumed from a checkpoint reproduces the uninterrupted run."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -39,6 +40,15 @@ def test_resumed_run_reproduces_the_uninterrupted_one(method, extra, warm_model_
     assert results["steps"] == 4
     # With bounded staleness the batch of step t+1 was generated during step t (and carried by the checkpoint).
     assert [m["rollout/staleness"] for m in got] == ([0, 1, 1, 1] if extra else [0, 0, 0, 0])
+    if extra:  # generation and learning overlapped: every actor of the run waits passively (cluster.omp_wait_policy)
+        import ray
+
+        from raylign.cluster.warm_actors import keeping_actors
+
+        with keeping_actors() as shelf:  # the session's shelf, holding the resumed run's actors
+            policies = ray.get([actor.__ray_call__.remote(lambda actor: os.environ.get("OMP_WAIT_POLICY"))
+                                for group in shelf.idle for actor in group.actors])
+        assert len(policies) == 3 and set(policies) == {os.environ.get("OMP_WAIT_POLICY") or "PASSIVE"}
 
 
 @pytest.mark.slow
