@@ -293,7 +293,9 @@ def start_pipeline_ray(config: PipelineConfig) -> None:
     need = max(stage_cpus(stage) for stage in config.stages)
     num_cpus = max(config.cluster.num_cpus or os.cpu_count() or 1, math.ceil(need))
     # Unless verbose, actors write their output to the stage's logs/ (cluster/console.py), not the console.
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=config.verbose)
+    # address="local": a new instance, not a `ray start` head this machine may run (see ray_setup.start_ray).
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
+             log_to_driver=config.verbose)
 
 
 def stage_cpus(stage: Stage) -> float:

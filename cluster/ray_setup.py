@@ -47,7 +47,9 @@ def start_ray(config: RunConfig) -> None:
     # Logical CPUs only schedule actors; on a small machine they time-share the real cores.
     num_cpus = max(config.cluster.num_cpus or os.cpu_count() or 1, math.ceil(requested_cpus(config)))
     # Unless logging.verbose, each actor writes its output to output_dir/logs/ (cluster/console.py), not the console.
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV},
+    # address="local": a new instance even when RAY_ADDRESS or a `ray start` head on this machine is there, which
+    # ray.init() would join (and then refuse num_cpus).
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV},
              log_to_driver=config.logging.verbose)
 
 

@@ -551,7 +551,7 @@ class LoggingConfig(Section):
 
 
 class ClusterConfig(Section):
-    address: str | None = Field(None, description="Ray address to join ('auto' inside `ray job submit`); None starts Ray locally.")
+    address: str | None = Field(None, description="Ray address to join ('auto' inside `ray job submit`); None starts a Ray of its own locally, even where RAY_ADDRESS is set or a `ray start` head runs.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a locally started Ray (default: all cores).")
     placement: Literal["colocate", "split"] = Field(
         "colocate",

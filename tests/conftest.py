@@ -116,8 +116,9 @@ def ray_session():
     from raylign.cluster.ray_setup import WORKER_ENV
     from raylign.cluster.warm_actors import keeping_actors
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+    if ray.is_initialized():  # an earlier test's run started Ray sized for that run alone (ray_setup.start_ray)
+        ray.shutdown()
+    ray.init(address="local", num_cpus=8, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
     # The session's runs hand their actors on to the next run of the same shape, as a pipeline's stages do
     # (cluster/warm_actors.py): most runs here are seconds of training after seconds of actor start-up.
     with keeping_actors():

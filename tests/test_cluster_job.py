@@ -184,3 +184,22 @@ def test_a_jobs_env_vars_win_over_raylign_worker_defaults(monkeypatch):
     # Ray refuses a variable set by both the job and ray.init; the job's own value is the one workers get.
     assert "VLLM_LOGGING_LEVEL" not in call["runtime_env"]["env_vars"]
     assert call["runtime_env"]["env_vars"]["TOKENIZERS_PARALLELISM"] == "false"
+
+
+def test_a_run_without_cluster_address_starts_its_own_ray_even_beside_a_running_head(monkeypatch):
+    """ray.init() without an address joins RAY_ADDRESS or the last `ray start` head on the machine (and then
+    refuses num_cpus): raylign's local start asks for a new instance."""
+    import ray
+
+    from raylign.cluster import ray_setup
+    from raylign.cluster.pipeline import start_pipeline_ray
+    from raylign.common.config import load_config
+    from raylign.common.pipeline_config import load_pipeline_config
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    ray_setup.start_ray(load_config(str(REPO / "configs/quickstart.yaml")))
+    start_pipeline_ray(load_pipeline_config(str(REPO / "configs/pipelines/gpt2_hh_rlhf_tiny.yaml")))
+    assert [call["address"] for call in calls] == ["local", "local"] and all(call["num_cpus"] >= 1 for call in calls)

@@ -39,6 +39,7 @@ def two_steps(learners, batch) -> tuple[list[dict], dict]:
     return metrics, adapters
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     ["algorithm.name=grpo", "train.micro_batch_size=4"],
     ["algorithm.name=ppo", "algorithm.num_minibatches=2", "algorithm.epochs=2", "train.micro_batch_size=3"],

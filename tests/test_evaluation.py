@@ -36,6 +36,7 @@ def test_validation_tracks_the_best_adapter_and_test_runs_once(warm_model_dir, r
     assert "steps_to_80pct" in results
 
 
+@pytest.mark.slow
 def test_eval_refuses_data_without_disjoint_splits(warm_model_dir, ray_session, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"The movie number {i} was"}) + "\n" for i in range(8)))

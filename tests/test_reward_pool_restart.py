@@ -1,5 +1,6 @@
 """A crashed reward actor is restarted, gets its running statistics back, and the batch is scored again."""
 
+import pytest
 import ray
 
 from raylign.cluster.reward_pool import RewardPool
@@ -13,6 +14,7 @@ def batch(words):
             for i, w in enumerate(words)]
 
 
+@pytest.mark.slow
 def test_crashed_reward_actor_is_restarted_with_its_running_statistics(ray_session):
     config = RewardConfig(function="vader_sentiment", normalize="running")
     first, second = batch(["great", "awful", "fine", "boring"]), batch(["wonderful", "bad", "good", "dull"])
