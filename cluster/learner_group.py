@@ -9,7 +9,7 @@ from __future__ import annotations
 import ray
 
 from raylign.cluster.console import actor_log_dir, remote_actor
-from raylign.cluster.placement import actor_env_vars, release_ranks, start_ranks
+from raylign.cluster.placement import actor_env_vars, env_identity, release_ranks, start_ranks
 from raylign.common.config import RunConfig
 from raylign.learner.learner_worker import LearnerWorker
 
@@ -19,7 +19,7 @@ class LearnerGroup:
         train, log_dir, env_vars = config.train, actor_log_dir(config), actor_env_vars(config)
         # Learners of the same count, resources and environment are handed on between runs inside keeping_actors().
         self.reuse_key = ("learner", train.num_learners, train.num_cpus, train.num_gpus, log_dir is None,
-                          tuple(sorted(env_vars.items())))
+                          env_identity(env_vars))
         self.placement, self.actors = start_ranks(
             remote_actor(LearnerWorker, "learner", log_dir), train.num_learners, train.num_cpus,
             train.num_gpus, model_path, config.model, train, config.algorithm, config.rollout, config.seed,

@@ -51,6 +51,11 @@ def actor_env_vars(config: RunConfig) -> dict[str, str]:
     return {"OMP_WAIT_POLICY": policy.upper()}
 
 
+def env_identity(env_vars: dict[str, str]) -> tuple:
+    """`env_vars` as part of a kept group's reuse key: an actor's environment is fixed when its process starts."""
+    return tuple(sorted(env_vars.items()))
+
+
 def actor_options(env_vars: dict[str, str]) -> dict:
     """The `.options(...)` that start an actor with `env_vars` (none when empty: Ray's job environment)."""
     return {"runtime_env": {"env_vars": env_vars}} if env_vars else {}

@@ -11,7 +11,7 @@ import ray
 
 from raylign.actors.reward_worker import RewardWorker
 from raylign.cluster.console import remote_actor
-from raylign.cluster.placement import actor_options, worker_placement
+from raylign.cluster.placement import actor_options, env_identity, worker_placement
 from raylign.cluster.ray_setup import wait_for_restart
 from raylign.cluster.warm_actors import keep_or_stop, start_or_reuse
 from raylign.common.config import RewardConfig
@@ -29,7 +29,7 @@ class RewardPool:
         # Inside keeping_actors() workers of the same count, resources, restarts and environment are handed on
         # between runs.
         self.reuse_key = ("reward", config.num_workers, config.num_cpus, config.num_gpus, config.max_restarts, log_dir is None,
-                          tuple(sorted(env_vars.items())))
+                          env_identity(env_vars))
 
         def start() -> tuple:
             placement, bundle = worker_placement(config.num_workers, config.num_cpus, config.num_gpus, "PACK")

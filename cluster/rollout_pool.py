@@ -9,7 +9,7 @@ import ray
 
 from raylign.actors.rollout_worker import NoPolicyError, RolloutWorker, engine_identity
 from raylign.cluster.console import actor_log_dir, remote_actor
-from raylign.cluster.placement import actor_env_vars, actor_options, worker_placement
+from raylign.cluster.placement import actor_env_vars, actor_options, env_identity, worker_placement
 from raylign.cluster.ray_setup import wait_for_restart
 from raylign.cluster.warm_actors import keep_or_stop, start_or_reuse
 from raylign.common.config import RunConfig
@@ -140,7 +140,7 @@ def reuse_key(config: RunConfig, count: int, arguments: dict) -> tuple | None:
     rollout = config.rollout
     shape = ("rollout", count, rollout.num_cpus, rollout.num_gpus, rollout.max_restarts, config.cluster.rollout_strategy,
              actor_log_dir(config) is None, arguments["backend"], arguments["device"], arguments["kv_cache_gib"],
-             tuple(sorted(actor_env_vars(config).items())))
+             env_identity(actor_env_vars(config)))
     if arguments["backend"] != "vllm" or arguments["device"] == "cpu":
         return shape
     if arguments["weight_sync"] != "lora":
