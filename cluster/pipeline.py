@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import shutil
 import sys
@@ -118,8 +117,6 @@ def run_or_skip(stage: Stage, row: dict, output_dir: Path, config: PipelineConfi
 
 def run_stage(stage: Stage, stage_dir: Path, config: PipelineConfig, artefacts: dict[str, str]) -> dict:
     """One stage with its references resolved: an RL run of the driver, or a group of OfflineTrainer actors."""
-    import ray
-
     from raylign.cluster.console import remote_actor
     from raylign.cluster.placement import first_failure_or_all, release_ranks, start_ranks
 
@@ -280,22 +277,9 @@ def stage_summary(stage: Stage, results: dict) -> dict:
 
 def start_pipeline_ray(config: PipelineConfig) -> None:
     """Join `cluster.address`, reuse a running Ray, or start one locally that fits the largest stage."""
-    import ray
+    from raylign.cluster.ray_setup import init_ray
 
-    from raylign.cluster.ray_setup import WORKER_ENV
-
-    if ray.is_initialized():
-        return
-    runtime_env = {"env_vars": WORKER_ENV}
-    if config.cluster.address is not None:
-        ray.init(address=config.cluster.address, runtime_env=runtime_env, log_to_driver=config.verbose)
-        return
-    need = max(stage_cpus(stage) for stage in config.stages)
-    num_cpus = max(config.cluster.num_cpus or os.cpu_count() or 1, math.ceil(need))
-    # Unless verbose, actors write their output to the stage's logs/ (cluster/console.py), not the console.
-    # address="local": a new instance, not a `ray start` head this machine may run (see ray_setup.start_ray).
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
-             log_to_driver=config.verbose)
+    init_ray(config.cluster, max(stage_cpus(stage) for stage in config.stages), config.verbose)
 
 
 def stage_cpus(stage: Stage) -> float:

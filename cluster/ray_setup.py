@@ -8,7 +8,7 @@ import os
 import time
 from typing import Callable
 
-from raylign.common.config import RunConfig
+from raylign.common.config import ClusterConfig, RunConfig
 
 WORKER_ENV = {
     "VLLM_LOGGING_LEVEL": "WARNING",
@@ -33,24 +33,30 @@ def job_env_vars() -> dict[str, str]:
 
 def start_ray(config: RunConfig) -> None:
     """Connect to `cluster.address`, or start Ray locally sized to fit every actor of this run."""
+    init_ray(config.cluster, requested_cpus(config), config.logging.verbose)
+
+
+def init_ray(cluster: ClusterConfig, cpus_needed: float, verbose: bool) -> None:
+    """Join `cluster.address`, or start a local Ray of its own with at least `cpus_needed` logical CPUs (a run's
+    actors, or a pipeline's largest stage); nothing when Ray is already up."""
     import ray
 
     if ray.is_initialized():
         return
-    if config.cluster.address is not None:
+    if cluster.address is not None:
         # Inside `ray job submit`, Ray merges this runtime env into the job's and refuses a variable set in both;
         # the user's value wins.
         job_env = job_env_vars()
         worker_env = {key: value for key, value in WORKER_ENV.items() if key not in job_env}
-        ray.init(address=config.cluster.address, runtime_env={"env_vars": worker_env}, log_to_driver=config.logging.verbose)
+        ray.init(address=cluster.address, runtime_env={"env_vars": worker_env}, log_to_driver=verbose)
         return
     # Logical CPUs only schedule actors; on a small machine they time-share the real cores.
-    num_cpus = max(config.cluster.num_cpus or os.cpu_count() or 1, math.ceil(requested_cpus(config)))
-    # Unless logging.verbose, each actor writes its output to output_dir/logs/ (cluster/console.py), not the console.
+    num_cpus = max(cluster.num_cpus or os.cpu_count() or 1, math.ceil(cpus_needed))
+    # Unless verbose, each actor writes its output to its run's or stage's logs/ (cluster/console.py), not the console.
     # address="local": a new instance even when RAY_ADDRESS or a `ray start` head on this machine is there, which
     # ray.init() would join (and then refuse num_cpus).
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV},
-             log_to_driver=config.logging.verbose)
+             log_to_driver=verbose)
 
 
 RESTART_TIMEOUT_S = 600

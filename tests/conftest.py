@@ -11,32 +11,50 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread; two contend on a shared 2-core machine (use it per module:
-    pytestmark = pytest.mark.usefixtures("one_torch_thread"))."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @contextlib.contextmanager
-def warm_up_threads():
-    """Two torch threads (one where the machine has one core) for a warm-up the test process runs alone (no Ray
-    work overlaps it): on 2 cores a twin's 600-step SFT takes 12.4 s instead of 17.7 s, with the same weights to
-    the last digit as on one thread. Not more than two: the warm weights must not depend on the machine (more
-    threads could split a reduction differently), and 1 and 2 are the counts measured equal."""
+def torch_threads(count: int):
+    """torch on `count` threads inside the block, the previous count restored after it."""
     import torch
 
     previous = torch.get_num_threads()
-    torch.set_num_threads(min(2, len(os.sched_getaffinity(0))))
+    torch.set_num_threads(count)
     try:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread; two contend on a shared 2-core machine (use it per module:
+    pytestmark = pytest.mark.usefixtures("one_torch_thread"))."""
+    with torch_threads(1):
+        yield
+
+
+def warm_started_copy(model_dir: str, output, *, steps: int, batch_size: int, max_length: int) -> str:
+    """`model_dir`'s model after a short SFT on the synthetic reviews (so its samples read like reviews), saved
+    with its tokenizer under `output`.
+
+    Two torch threads (one where the machine has one core): the test process runs this alone (no Ray work
+    overlaps it), and on 2 cores a twin's 600-step SFT takes 12.4 s instead of 17.7 s, with the same weights to
+    the last digit as on one thread. Not more than two: the warm weights must not depend on the machine (more
+    threads could split a reduction differently), and 1 and 2 are the counts measured equal."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raylign.common.data import builtin_corpus_texts
+    from raylign.learner.sft import sft_train
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch_threads(min(2, len(os.sched_getaffinity(0)))):
+        sft_train(model, tokenizer, builtin_corpus_texts(), steps=steps, batch_size=batch_size, learning_rate=3e-3,
+                  max_length=max_length, seed=0)
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    return str(output)
 
 
 @pytest.fixture(scope="session")
@@ -64,52 +82,24 @@ def twin_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def warm_model_dir(tiny_model_dir, tmp_path_factory):
     """The tiny Llama after a short SFT on the synthetic reviews, so its samples read like reviews."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from raylign.common.data import builtin_corpus_texts
-    from raylign.learner.sft import sft_train
-
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    with warm_up_threads():
-        sft_train(model, tokenizer, builtin_corpus_texts(), steps=250, batch_size=32, learning_rate=3e-3, max_length=64,
-                  seed=0)
-    output = tmp_path_factory.mktemp("warm-llama")
-    model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
-    return str(output)
+    return warm_started_copy(tiny_model_dir, tmp_path_factory.mktemp("warm-llama"), steps=250, batch_size=32,
+                             max_length=64)
 
 
 @pytest.fixture(scope="session")
 def warm_twin(twin_dirs, tmp_path_factory):
     """family -> that twin after a short SFT on the synthetic reviews (so its samples read like reviews), each
     warmed once per session, when a test first asks for it."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from raylign.common.data import builtin_corpus_texts
-    from raylign.learner.sft import sft_train
-
     warmed: dict[str, str] = {}
 
     def warm(family: str) -> str:
         if family not in warmed:
-            torch.manual_seed(0)
-            tokenizer = AutoTokenizer.from_pretrained(twin_dirs[family])
-            model = AutoModelForCausalLM.from_pretrained(twin_dirs[family])
             # 600 steps: after 250 (loss 1.14 on the gemma twin, against 0.98) GRPO raised the reward of half
             # the twins by less than 0.25 in 16 steps; after 600 every twin's fitted rise is 0.27-0.72. Measured
             # and not taken: 400 steps (rises down to 0.23, too close to the test's 0.2), 300 at lr 1e-2 (five
             # twins rose by less than 0.2).
-            with warm_up_threads():
-                sft_train(model, tokenizer, builtin_corpus_texts(), steps=600, batch_size=16, learning_rate=3e-3,
-                          max_length=48, seed=0)
-            output = tmp_path_factory.mktemp(f"warm-{family}")
-            model.save_pretrained(output)
-            tokenizer.save_pretrained(output)
-            warmed[family] = str(output)
+            warmed[family] = warm_started_copy(twin_dirs[family], tmp_path_factory.mktemp(f"warm-{family}"),
+                                               steps=600, batch_size=16, max_length=48)
         return warmed[family]
 
     return warm
