@@ -169,7 +169,9 @@ def test_a_jobs_env_vars_win_over_raylign_worker_defaults(monkeypatch):
     import ray
 
     from raylign.cluster import ray_setup
+    from raylign.cluster.pipeline import start_pipeline_ray
     from raylign.common.config import load_config
+    from raylign.common.pipeline_config import load_pipeline_config
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -178,12 +180,15 @@ def test_a_jobs_env_vars_win_over_raylign_worker_defaults(monkeypatch):
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
         {"runtime_env": {"working_dir": "gcs://_ray_pkg_0.zip", "env_vars": {"VLLM_LOGGING_LEVEL": "DEBUG"}}}))
     ray_setup.start_ray(load_config(str(REPO / "configs/quickstart.yaml"), ["cluster.address=auto"]))
+    # A pipeline submitted as a job joins the same way (cluster/pipeline.py start_pipeline_ray).
+    start_pipeline_ray(load_pipeline_config(str(REPO / "configs/pipelines/gpt2_hh_rlhf_tiny.yaml"), ["cluster.address=auto"]))
 
-    [call] = calls
-    assert call["address"] == "auto"
-    # Ray refuses a variable set by both the job and ray.init; the job's own value is the one workers get.
-    assert "VLLM_LOGGING_LEVEL" not in call["runtime_env"]["env_vars"]
-    assert call["runtime_env"]["env_vars"]["TOKENIZERS_PARALLELISM"] == "false"
+    assert len(calls) == 2
+    for call in calls:
+        assert call["address"] == "auto"
+        # Ray refuses a variable set by both the job and ray.init; the job's own value is the one workers get.
+        assert "VLLM_LOGGING_LEVEL" not in call["runtime_env"]["env_vars"]
+        assert call["runtime_env"]["env_vars"]["TOKENIZERS_PARALLELISM"] == "false"
 
 
 def test_a_run_without_cluster_address_starts_its_own_ray_even_beside_a_running_head(monkeypatch):
