@@ -19,11 +19,11 @@ import torch
 from raylign.common.engine_support import VllmSupport, plan_engine, query_vllm_registry
 from raylign.common.lora import adapter_lora_config, adapter_state_dict, load_merged_weights, write_adapter
 from raylign.common.model_checks import load_tokenizer, model_architecture
+from raylign.common.precision import DTYPES, attention_kernel, mixed_precision
 from raylign.common.prompt_completion import pad_token_id
 from raylign.common.sampling import processed_logprobs
 from raylign.common.types import AdapterUpdate, Completion, MergedWeightsUpdate, PromptItem, SamplingSettings
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class RolloutEngine(Protocol):
@@ -45,13 +45,16 @@ class HFEngine:
     mask), and the logprob of every sampled token is taken from the distribution it was drawn from.
     """
 
-    def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu", max_batch_rows: int = 64):
+    def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu", max_batch_rows: int = 64,
+                 attn_implementation: str = "auto"):
         from transformers import AutoModelForCausalLM
 
         self.device = torch.device(device)
         self.tokenizer = load_tokenizer(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype]).to(self.device).eval()
-        self.max_batch_rows = max_batch_rows
+        attention = attention_kernel(attn_implementation, dtype, self.device)  # the learner's (model.attn_implementation)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype], attn_implementation=attention)
+        self.model = self.model.to(self.device).eval()
+        self.dtype, self.max_batch_rows = dtype, max_batch_rows
 
     def load_adapter(self, update: AdapterUpdate) -> None:
         from peft import PeftModel, get_peft_model, set_peft_model_state_dict
@@ -76,8 +79,9 @@ class HFEngine:
     def generate(self, prompts: list[PromptItem], settings: SamplingSettings) -> list[list[Completion]]:
         per_batch = max(1, self.max_batch_rows // settings.samples_per_prompt)
         results = []
-        for start in range(0, len(prompts), per_batch):
-            results.extend(self._generate_batch(prompts[start:start + per_batch], settings))
+        with mixed_precision(self.dtype, self.device):  # the learner's precision (common/precision.py)
+            for start in range(0, len(prompts), per_batch):
+                results.extend(self._generate_batch(prompts[start:start + per_batch], settings))
         return results
 
     @torch.no_grad()

@@ -33,6 +33,7 @@ class RolloutWorker:
         keep_versions: int = 1,
         max_model_len: int = 256,
         hf_max_batch_rows: int = 64,
+        attn_implementation: str = "auto",
     ):
         """`backend` and `weight_sync` as decided at start-up (`common.engine_support`); `max_model_len` is the
         context the vLLM engine reserves (prompt budget + max_new_tokens)."""
@@ -60,7 +61,8 @@ class RolloutWorker:
         elif backend == "hf":
             from raylign.actors.engines import HFEngine
 
-            self.engine = HFEngine(model_path, dtype=dtype, device=device, max_batch_rows=hf_max_batch_rows)
+            self.engine = HFEngine(model_path, dtype=dtype, device=device, max_batch_rows=hf_max_batch_rows,
+                                   attn_implementation=attn_implementation)
         else:
             raise ValueError(f"rollout.backend = '{backend}' is not supported; use 'vllm' or 'hf'")
         self.policy_version: int | None = None
@@ -138,7 +140,7 @@ def torch_threads(threads: int) -> None:
 
 # The arguments an engine is built from; the seed and threads are not among them (see reset_in_place).
 ENGINE_ARGUMENTS = ("backend", "model_path", "dtype", "lora_rank", "kv_cache_gib", "gpu_memory_utilization", "enforce_eager", "device",
-                    "weight_sync", "keep_versions", "max_model_len", "hf_max_batch_rows")
+                    "weight_sync", "keep_versions", "max_model_len", "hf_max_batch_rows", "attn_implementation")
 
 
 def engine_identity(arguments: dict) -> tuple:

@@ -114,6 +114,9 @@ def bench_main(argv: list[str]) -> int:
     training.add_argument("--workloads", nargs="+", default=["tiny", "llama_86m"], choices=["tiny", "llama_86m"],
                           help="the built-in tiny Llama and/or an ~86M-parameter random Llama of the same family")
     training.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), help="raylign modes to run")
+    training.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                          help="weights dtype of both sides: raylign's model.dtype; TRL loads the model in it and, "
+                               "for bfloat16, trains under bf16 autocast (bf16=True)")
     staleness = commands.add_parser("staleness", help="the quickstart's reward curve with max_staleness 0 and 1, and s/step")
     staleness.add_argument("--out", default="bench_staleness.json", help="JSON file to write (the plot goes beside it, .png)")
     staleness.add_argument("--steps", type=int, default=100, help="training steps per run")
@@ -129,7 +132,7 @@ def bench_main(argv: list[str]) -> int:
         print(json.dumps({level: {k: v for k, v in entry.items() if k != "runs"} for level, entry in result["levels"].items()}, indent=2))
         return 0
     if args.benchmark == "train":
-        result = bench_train(args.steps, args.warmup_steps, args.workloads, args.modes, args.out)
+        result = bench_train(args.steps, args.warmup_steps, args.workloads, args.modes, args.out, args.dtype)
         print(json.dumps(result, indent=2))
         return 0
     result = bench_rollout(args.config, args.overrides, args.workers, args.prompts, args.rounds, args.train_steps)

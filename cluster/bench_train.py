@@ -37,8 +37,10 @@ LARGE_LLAMA = {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers
                "num_key_value_heads": 12}
 
 
-def workload_overrides(model_path: str, steps: int, max_new_tokens: int, output_dir: Path) -> list[str]:
+def workload_overrides(model_path: str, steps: int, max_new_tokens: int, output_dir: Path,
+                       dtype: str = "float32") -> list[str]:
     return [
+        f"model.dtype={dtype}",
         f"model.path={model_path}", "model.lora.r=8", "model.lora.alpha=16", "model.lora.target_modules=all-linear",
         "sft.steps=0", "eval.every=0", "eval.run_test=false", "logging.progress=false", "algorithm.name=grpo",
         "algorithm.kl_coef=0.04", "algorithm.kl_estimator=k3", "train.prompts_per_step=8",
@@ -82,6 +84,7 @@ def summarise_raylign(metrics: list[dict], warmup_steps: int) -> dict:
         "learn_wait_s": median("time/learn_s"),
         "publish_s": median("time/publish_s"),
         "tokens_per_s": tokens / step_s,
+        "logprob_gap_max": max(m["rollout/logprob_gap"] for m in metrics),
         "reward_first": measured[0]["reward_mean"],
         "reward_last": measured[-1]["reward_mean"],
     }
@@ -92,26 +95,28 @@ def summarise_raylign(metrics: list[dict], warmup_steps: int) -> dict:
     return summary
 
 
-def run_raylign(mode: str, model_path: str, steps: int, max_new_tokens: int, warmup_steps: int, workdir: Path) -> dict:
+def run_raylign(mode: str, model_path: str, steps: int, max_new_tokens: int, warmup_steps: int, workdir: Path,
+                dtype: str) -> dict:
     from raylign.cluster.driver import train
 
     output_dir = workdir / mode
     config = load_config("configs/quickstart.yaml",
-                         [*workload_overrides(model_path, steps, max_new_tokens, output_dir), *MODES[mode]])
+                         [*workload_overrides(model_path, steps, max_new_tokens, output_dir, dtype), *MODES[mode]])
     start = time.perf_counter()
     train(config)
     metrics = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     return {"overrides": MODES[mode], "wall_s": time.perf_counter() - start, **summarise_raylign(metrics, warmup_steps)}
 
 
-def run_trl(model_path: str, prompts: list[str], steps: int, max_new_tokens: int, warmup_steps: int, workdir: Path) -> dict:
+def run_trl(model_path: str, prompts: list[str], steps: int, max_new_tokens: int, warmup_steps: int, workdir: Path,
+            dtype: str) -> dict:
     """TRL's GRPOTrainer on the same workload, in its own process (its own torch threads and imports)."""
     try:
         import trl
     except ImportError:
         return {"skipped": "trl is not installed: pip install -e '.[bench]'"}
     spec = {"model_path": model_path, "prompts": prompts, "steps": steps, "max_new_tokens": max_new_tokens,
-            "output_dir": str(workdir / "trl")}
+            "output_dir": str(workdir / "trl"), "dtype": dtype}
     spec_file = workdir / "trl_spec.json"
     spec_file.write_text(json.dumps(spec))
     start = time.perf_counter()
@@ -125,7 +130,8 @@ def run_trl(model_path: str, prompts: list[str], steps: int, max_new_tokens: int
             "step_s": statistics.median(measured)}
 
 
-def bench_train(steps: int, warmup_steps: int, workloads: list[str], modes: list[str], out: str) -> dict:
+def bench_train(steps: int, warmup_steps: int, workloads: list[str], modes: list[str], out: str,
+                dtype: str = "float32") -> dict:
     from raylign.common.data import load_text_column
     from raylign.common.tiny_model import resolve_builtin_model
 
@@ -139,7 +145,7 @@ def bench_train(steps: int, warmup_steps: int, workloads: list[str], modes: list
         "benchmark": "train",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "workload": "GRPO, 8 prompts x K=4, LoRA r8 all-linear, beta 0.04 (k3), no SFT, no evaluation",
-        "steps": steps, "warmup_steps_left_out": warmup_steps, "workloads": {},
+        "dtype": dtype, "steps": steps, "warmup_steps_left_out": warmup_steps, "workloads": {},
     }
     for name in workloads:
         model_path, max_new_tokens = models[name]
@@ -147,8 +153,10 @@ def bench_train(steps: int, warmup_steps: int, workloads: list[str], modes: list
             model_path = build_large_model(tiny, workdir / name)
         entry = {"model_path": model_path, "max_new_tokens": max_new_tokens, "modes": {}}
         for mode in modes:
-            entry["modes"][mode] = run_raylign(mode, model_path, steps, max_new_tokens, warmup_steps, workdir / name)
-        entry["modes"]["trl_grpo"] = run_trl(model_path, prompts, steps, max_new_tokens, warmup_steps, workdir / name)
+            entry["modes"][mode] = run_raylign(mode, model_path, steps, max_new_tokens, warmup_steps, workdir / name,
+                                                  dtype)
+        entry["modes"]["trl_grpo"] = run_trl(model_path, prompts, steps, max_new_tokens, warmup_steps,
+                                                 workdir / name, dtype)
         trl_step = entry["modes"]["trl_grpo"].get("step_s")
         if trl_step:
             entry["speedup_vs_trl"] = {mode: trl_step / entry["modes"][mode]["step_s"] for mode in modes}

@@ -1,6 +1,6 @@
 """TRL's GRPOTrainer on a `raylign bench train` workload; run as `python -m raylign.cluster.bench_trl SPEC.json`.
 
-Same model, prompts, reward (VADER on the completion), K=4, LoRA r8 all-linear, beta 0.04; writes each
+Same model, prompts, reward (VADER on the completion), K=4, LoRA r8 all-linear, beta 0.04, weights in the spec's dtype; writes each
 optimizer step's wall seconds to OUTPUT_DIR/step_seconds.json.
 """
 
@@ -43,7 +43,9 @@ def main(spec_path: str) -> int:
     config = GRPOConfig(
         output_dir=str(output_dir), max_steps=spec["steps"], per_device_train_batch_size=32, num_generations=4,
         max_completion_length=spec["max_new_tokens"], temperature=1.0, beta=0.04, learning_rate=2e-3,
-        logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, bf16=False, seed=0,
+        logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, seed=0,
+        # The raylign side's model.dtype: the weights load in it; bfloat16 also trains under bf16 autocast.
+        bf16=spec["dtype"] == "bfloat16", model_init_kwargs={"dtype": spec["dtype"]},
     )
     timer = StepTimer()
     trainer = GRPOTrainer(

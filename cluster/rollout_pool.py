@@ -28,7 +28,7 @@ def worker_arguments(config: RunConfig, plan: EnginePlan, model_path: str, count
         enforce_eager=rollout.num_gpus == 0 if rollout.vllm_enforce_eager is None else rollout.vllm_enforce_eager,
         device="cuda" if rollout.num_gpus > 0 else "cpu", weight_sync=plan.weight_sync,
         keep_versions=rollout.keep_versions, max_model_len=max_model_len,
-        hf_max_batch_rows=rollout.hf_max_batch_rows,
+        hf_max_batch_rows=rollout.hf_max_batch_rows, attn_implementation=config.model.attn_implementation,
     ) for rank in range(count)]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import torch
 from raylign.common.config import AlgorithmConfig, ModelConfig, RolloutConfig, SftConfig, TrainConfig
 from raylign.common.lora import adapter_files, merged_lora_weights
 from raylign.common.types import AdapterUpdate, MergedWeightsUpdate, PromptItem, Sample
+from raylign.common.precision import DTYPES, attention_kernel, mixed_precision
 from raylign.common.prompt_completion import pad_token_id
 from raylign.common.storage import local_copy
 from raylign.learner import algorithms as alg
@@ -25,7 +27,18 @@ from raylign.learner.batching import build_token_batch
 from raylign.learner.data_parallel import SINGLE, Ranks
 from raylign.learner.sft import sft_train
 from raylign.learner.update import CRITIC_ADAPTER
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def in_mixed_precision(method):
+    """Run a LearnerWorker method that scores or trains the policy under the weights' mixed precision
+    (common/precision.py: autocast for bfloat16/float16 weights)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with mixed_precision(self.model_config.dtype, self.device):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class LearnerWorker:
@@ -54,7 +67,7 @@ class LearnerWorker:
         self.seed = seed
         model_path = local_copy(model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[model.dtype]).to(self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, **self._model_kwargs()).to(self.device)
         self.optimizer: torch.optim.Optimizer | None = None
         self.version = -1
         self.ranks = SINGLE
@@ -80,7 +93,13 @@ class LearnerWorker:
 
         if self.optimizer is not None:
             raise RuntimeError("the base model can only be replaced before the LoRA adapter is attached")
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[self.model_config.dtype]).to(self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, **self._model_kwargs()).to(self.device)
+
+    def _model_kwargs(self) -> dict:
+        """from_pretrained's dtype and attention kernel (model.attn_implementation)."""
+        model = self.model_config
+        return {"dtype": DTYPES[model.dtype],
+                "attn_implementation": attention_kernel(model.attn_implementation, model.dtype, self.device)}
 
     # ----- policy -----
 
@@ -170,6 +189,7 @@ class LearnerWorker:
             return MergedWeightsUpdate(version=self.version, weights=merged_lora_weights(self.model))
         return AdapterUpdate(version=self.version, files=adapter_files(self.model, self.version))
 
+    @in_mixed_precision
     def reference_kl(self, samples: list[Sample], temperature: float = 1.0) -> dict:
         """Per-sequence KL(policy || reference) on samples drawn from the policy, and reference perplexity.
 
@@ -190,6 +210,7 @@ class LearnerWorker:
         self.ranks = Ranks.join(rank, world_size, group_name)
         return rank
 
+    @in_mixed_precision
     def train_step(self, samples: list[Sample], rewards: list[float], group_sizes: list[int] | None = None) -> dict:
         """One update of the configured method on a batch of prompt groups (contiguous per prompt).
 
@@ -213,7 +234,7 @@ class LearnerWorker:
             # The baseline starts at the first batch's mean (ema_update's first value), not at 0.
             shaped = update.shaped_rewards(targets, scores, algo, ranks)
             self.reward_baseline = alg.ema_update(self.reward_baseline, float(shaped.mean()), algo.baseline_momentum)
-        mask, batch = targets.batch.completion_mask, targets.batch
+        mask = targets.batch.completion_mask
         gap = self._behaviour_gap(samples, targets)
         self.version += 1
         self._remember_adapter()
@@ -281,6 +302,7 @@ class LearnerWorker:
                                          rows=rows, ranks=ranks)
         return targets, scores
 
+    @in_mixed_precision
     def gradient_variance(self, batches: list, step: int) -> dict:
         """Gradient noise at the current (fixed) weights from independent batches; no update is made.
 
@@ -312,6 +334,7 @@ class LearnerWorker:
         window = self.grad_norm_history[-self.train_config.grad_norm_window:]
         return {"grad_norm": grad_norm, "grad_norm_mean": statistics.fmean(window), "grad_norm_std": statistics.pstdev(window)}
 
+    @in_mixed_precision
     def grade_step(self, prompts: list[PromptItem], step: int) -> tuple[list[Sample], dict]:
         """One GRADE / GRADE-STE update: relaxed generation, differentiable RM reward, -reward + beta * KL.
 

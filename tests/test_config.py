@@ -111,3 +111,24 @@ def test_actors_wait_passively_when_generation_and_learning_overlap_unless_told_
     assert actor_options({"OMP_WAIT_POLICY": "PASSIVE"}) == {"runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}}
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's own choice, inherited by a local Ray's workers
     assert env("rollout.max_staleness=1", "algorithm.importance_sampling_cap=2") == {}
+
+
+def test_the_sync_guard_tolerance_follows_the_weights_dtype_unless_set():
+    assert load_config("configs/quickstart.yaml").rollout.sync_tolerance == 1e-3
+    for dtype in ("bfloat16", "float16"):
+        assert load_config("configs/quickstart.yaml", [f"model.dtype={dtype}"]).rollout.sync_tolerance == 1e-2
+    chosen = load_config("configs/quickstart.yaml", ["model.dtype=bfloat16", "rollout.sync_tolerance=0.003"])
+    assert chosen.rollout.sync_tolerance == 0.003
+
+
+def test_attention_auto_is_eager_only_on_cpu_in_low_precision():
+    import torch
+
+    from raylign.common.precision import attention_kernel
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert attention_kernel("auto", "bfloat16", cpu) == "eager"
+    assert attention_kernel("auto", "float16", cpu) == "eager"
+    assert attention_kernel("auto", "float32", cpu) == "sdpa"
+    assert attention_kernel("auto", "bfloat16", gpu) == "sdpa"
+    assert attention_kernel("sdpa", "bfloat16", cpu) == "sdpa"

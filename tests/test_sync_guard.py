@@ -2,6 +2,7 @@
 
 
 import pytest
+import torch
 
 from raylign.actors.rollout_worker import RolloutWorker
 from raylign.cluster.driver import SyncError, check_sync
@@ -95,3 +96,35 @@ def test_a_stale_sample_is_checked_under_the_adapter_version_that_generated_it(w
     rollout.load_update(learner.publish())
     with pytest.raises(RuntimeError, match="accepts versions 1..2"):
         learner.train_step(version_0, rewards)
+
+
+def test_bfloat16_weights_learn_under_autocast_with_float32_adapters_and_the_guard_still_catches_a_skipped_publish(
+        warm_model_dir):
+    config = load_config("configs/quickstart.yaml", [f"model.path={warm_model_dir}", "rollout.backend=hf",
+                                                      "model.dtype=bfloat16", "train.learning_rate=0.05"])
+    assert config.rollout.sync_tolerance == 1e-2  # the bf16 default: vLLM's kernels round ~1e-3 away from the learner's
+    learner = LearnerWorker(warm_model_dir, config.model, config.train, config.algorithm, config.rollout, seed=0)
+    learner.attach_lora()
+    assert learner.model.config._attn_implementation == "eager"  # model.attn_implementation 'auto' on CPU, in bf16
+    assert {p.dtype for p in learner.trainable_parameters} == {torch.float32}
+    rollout = RolloutWorker("hf", warm_model_dir, dtype="bfloat16")
+    rollout.load_update(learner.publish())
+    settings = load_settings(config)
+    prompt_ids = learner.tokenizer("Honestly, the movie was").input_ids
+
+    before = [p.detach().clone() for p in learner.trainable_parameters]
+    samples = rollout.generate(prompts(prompt_ids), settings)
+    metrics = learner.train_step(samples, [float(i % 3) for i in range(len(samples))])
+    # The same kernels in the same precision on both sides (sdpa's KV-cached decode would be ~2e-3 away).
+    assert metrics["rollout/logprob_gap"] < 1e-5
+    check_sync(metrics, config.rollout.sync_tolerance, step=0)
+    assert {p.dtype for p in learner.trainable_parameters} == {torch.float32}
+    assert any(not torch.equal(a, b) for a, b in zip(before, learner.trainable_parameters))
+
+    stale = learner.publish()
+    learner.train_step(rollout_with(rollout, stale, prompt_ids, settings), [float(i % 3) for i in range(16)])
+    rollout.load_update(AdapterUpdate(version=learner.version, files=stale.files))  # told v2, keeps v1's weights
+    metrics = learner.train_step(rollout.generate(prompts(prompt_ids), settings), [float(i % 3) for i in range(16)])
+    assert metrics["rollout/logprob_gap"] > 2 * config.rollout.sync_tolerance
+    with pytest.raises(SyncError, match="not sampling from the adapter"):
+        check_sync(metrics, config.rollout.sync_tolerance, step=2)
