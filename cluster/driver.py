@@ -166,7 +166,6 @@ def run_training(inputs: RunInputs, output_dir: Path, releases: list) -> dict:
             batch = RolloutBatch(step, samples, [i for i, s in enumerate(samples) if s.reward is not None],
                                  scored.metrics(), sum(prompt.truncated for prompt in prompts), {})
             timer.lap("learn")
-            rollouts.publish(learners.publish())
         else:
             batch = ahead.popleft() if ahead else rollout_batch(step)
             timer.phases.update(batch.phases)
@@ -178,17 +177,10 @@ def run_training(inputs: RunInputs, output_dir: Path, releases: list) -> dict:
             while len(ahead) < config.rollout.max_staleness and step + 1 + len(ahead) < config.train.steps:
                 ahead.append(rollout_batch(step + 1 + len(ahead)))
             timer.lap("rollout_ahead")
-            # The new adapter's publish and the rollout actors' loads queue right behind the update, so
-            # they follow it without a round trip through the driver.
-            loading = rollouts.start_loading(learners.publish())
-            try:
-                learner_metrics = learners.finish(training)
-            except ray.exceptions.RayActorError:
-                rollouts.drop_loading(loading)
-                raise
+            learner_metrics = learners.finish(training)
             check_sync(learner_metrics, config.rollout.sync_tolerance, step)
             timer.lap("learn")
-            rollouts.finish_loading(loading)
+        rollouts.publish(learners.publish())
         timer.lap("publish")
         return batch, learner_metrics
 

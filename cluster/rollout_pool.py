@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 
 import ray
 
@@ -31,15 +30,6 @@ def worker_arguments(config: RunConfig, plan: EnginePlan, model_path: str, count
         keep_versions=rollout.keep_versions, max_model_len=max_model_len,
         hf_max_batch_rows=rollout.hf_max_batch_rows, attn_implementation=config.model.attn_implementation,
     ) for rank in range(count)]
-
-
-@dataclass
-class PendingLoads:
-    """Loads of one update queued on every rollout actor (RolloutPool.start_loading)."""
-
-    update: ray.ObjectRef
-    loads: list[tuple[object, ray.ObjectRef]]
-    published_before: bool  # whether the actors held a policy before: a fresh one then was restarted by Ray
 
 
 class RolloutPool:
@@ -119,22 +109,16 @@ class RolloutPool:
         wait_for_restart(lambda: worker.load_update.remote(self.current_update), error, "a rollout actor", "rollout.max_restarts")
 
     def publish(self, update_ref: ray.ObjectRef) -> float:
-        """Every actor loads the same object-store copy; returns seconds until all are ready."""
-        return self.finish_loading(self.start_loading(update_ref))
+        """Every actor loads the same object-store copy; returns seconds until all are ready.
 
-    def start_loading(self, update_ref: ray.ObjectRef) -> "PendingLoads":
-        """Queue every actor's load of `update_ref`, which may still be in the making: each actor runs its load
-        as soon as the learner has published it, with no round trip through the driver in between."""
-        loads = [(worker, worker.load_update.remote(update_ref)) for worker in self.workers]
-        return PendingLoads(update_ref, loads, published_before=self.current_update is not None)
-
-    def finish_loading(self, pending: "PendingLoads") -> float:
-        """Wait for the loads; returns the seconds waited. An actor that held no policy before its load was
-        restarted by Ray since the last publish (killed between calls) and counts as a restart; one that dies
-        while loading is waited for and loaded again."""
-        self.current_update = pending.update
+        An actor that held no policy before this load was restarted by Ray since the last publish (killed
+        between calls) and counts as a restart; one that dies while loading is waited for and loaded again.
+        """
+        published_before = self.current_update is not None
+        self.current_update = update_ref
         start = time.perf_counter()
-        for worker, load in pending.loads:
+        loads = [(worker, worker.load_update.remote(update_ref)) for worker in self.workers]
+        for worker, load in loads:
             try:
                 previous = ray.get(load)
             except ray.exceptions.RayActorError as error:
@@ -142,19 +126,9 @@ class RolloutPool:
                     raise  # the update itself is lost (the learner that made it died): the driver's to handle
                 self._recover(worker, error)
                 continue
-            if previous is None and pending.published_before:
+            if previous is None and published_before:
                 self.restarts += 1
         return time.perf_counter() - start
-
-    def drop_loading(self, pending: "PendingLoads") -> None:
-        """Wait out the queued loads of an update that will never exist (the learner making it died), so that
-        none is left unretrieved. Each fails with the learner's error, which the driver is handling; a rollout
-        actor that died meanwhile is found, and counted, by the next publish (which every learner restart makes)."""
-        for _, load in pending.loads:
-            try:
-                ray.get(load)
-            except ray.exceptions.RayActorError:
-                pass
 
 
 def reuse_key(config: RunConfig, count: int, arguments: dict) -> tuple | None:
