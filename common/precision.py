@@ -18,7 +18,10 @@ def mixed_precision(dtype: str, device: torch.device):
     """
     if dtype == "float32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[dtype])
+    # Without its cast cache: autocast would otherwise keep one low-precision copy of each float32 parameter
+    # for the whole region, so weights changed in place inside it (an optimizer step before the next epoch's
+    # forward, an older adapter version set to check stale samples) would go unseen.
+    return torch.autocast(device.type, dtype=DTYPES[dtype], cache_enabled=False)
 
 
 def attention_kernel(setting: str, dtype: str, device: torch.device) -> str:

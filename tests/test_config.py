@@ -132,3 +132,22 @@ def test_attention_auto_is_eager_only_on_cpu_in_low_precision():
     assert attention_kernel("auto", "float32", cpu) == "sdpa"
     assert attention_kernel("auto", "bfloat16", gpu) == "sdpa"
     assert attention_kernel("sdpa", "bfloat16", cpu) == "sdpa"
+
+
+def test_mixed_precision_sees_weights_changed_in_place_inside_it():
+    """An optimizer step, or an older adapter version set for the stale-sample check, happens inside the
+    learner's autocast region; the next forward must use the new weights (autocast's cast cache would not)."""
+    import torch
+
+    from raylign.common.precision import mixed_precision
+
+    layer, x = torch.nn.Linear(4, 4), torch.randn(2, 4)
+    with mixed_precision("bfloat16", torch.device("cpu")):
+        before = layer(x)
+        assert before.dtype == torch.bfloat16
+        with torch.no_grad():
+            layer.weight.add_(1.0)
+        after = layer(x)
+    assert not torch.equal(before, after)
+    with mixed_precision("float32", torch.device("cpu")):
+        assert layer(x).dtype == torch.float32
