@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 
 from raylign.common.engine_support import VllmSupport, plan_engine, query_vllm_registry
-from raylign.common.lora import adapter_lora_config, adapter_state_dict, load_merged_weights, write_adapter
+from raylign.common.lora import LiveAdapter, adapter_lora_config, adapter_state_dict, load_merged_weights, write_adapter
 from raylign.common.model_checks import load_tokenizer, model_architecture
 from raylign.common.precision import DTYPES, attention_kernel, mixed_precision
 from raylign.common.prompt_completion import pad_token_id
@@ -57,14 +57,12 @@ class HFEngine:
         self.dtype, self.max_batch_rows = dtype, max_batch_rows
 
     def load_adapter(self, update: AdapterUpdate) -> None:
-        from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+        from peft import PeftModel, get_peft_model
 
         if not isinstance(self.model, PeftModel):
             self.model = get_peft_model(self.model, adapter_lora_config(update.files)).eval()
-        result = set_peft_model_state_dict(self.model, adapter_state_dict(update.files))
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected:
-            raise RuntimeError(f"adapter version {update.version} has tensors the rollout model lacks: {unexpected[:3]}")
+            self.adapter = LiveAdapter(self.model)
+        self.adapter.load(adapter_state_dict(update.files), update.version)
 
     @torch.no_grad()
     def load_merged_weights(self, update: MergedWeightsUpdate) -> None:

@@ -15,11 +15,40 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def adapter_files(peft_model, version: int) -> dict[str, bytes]:
+class LiveAdapter:
+    """A PEFT model's default adapter as PEFT names it in its files (get_peft_model_state_dict's keys), each
+    name bound to the live parameter. Reading or replacing the adapter through it walks no module tree:
+    PEFT's get_/set_peft_model_state_dict take 2.1 and 1.5 ms even on the tiny Llama, most of a publish.
+    Bind it after the adapter exists; parameters updated in place (optimizer steps) stay bound."""
+
+    def __init__(self, peft_model):
+        from peft import get_peft_model_state_dict
+
+        live = {tensor.data_ptr(): tensor for tensor in [*peft_model.parameters(), *peft_model.buffers()]}
+        self.tensors = {}
+        for name, tensor in get_peft_model_state_dict(peft_model).items():
+            if tensor.data_ptr() not in live:
+                raise RuntimeError(f"adapter tensor {name} is not one of the model's parameters or buffers")
+            self.tensors[name] = live[tensor.data_ptr()]
+
+    @torch.no_grad()
+    def load(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """Copy an adapter state (the same names) into the live parameters."""
+        if state.keys() != self.tensors.keys():
+            unexpected, missing = sorted(state.keys() - self.tensors.keys()), sorted(self.tensors.keys() - state.keys())
+            raise RuntimeError(f"adapter version {version} does not fit the rollout model: tensors it lacks "
+                               f"{unexpected[:3]}, tensors it misses {missing[:3]}")
+        for name, tensor in state.items():
+            self.tensors[name].copy_(tensor)
+
+
+def adapter_files(peft_model, version: int, adapter: LiveAdapter | None = None) -> dict[str, bytes]:
+    """The default adapter's files; `adapter` (bound to `peft_model`) reads its tensors without PEFT's walk."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save
 
-    state = {name: tensor.detach().to("cpu", torch.float32).contiguous() for name, tensor in get_peft_model_state_dict(peft_model).items()}
+    tensors = adapter.tensors if adapter is not None else get_peft_model_state_dict(peft_model)
+    state = {name: tensor.detach().to("cpu", torch.float32).contiguous() for name, tensor in tensors.items()}
     config = peft_model.peft_config["default"].to_dict()
     if isinstance(config.get("target_modules"), set):
         config["target_modules"] = sorted(config["target_modules"])

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from raylign.common.config import AlgorithmConfig, ModelConfig, RolloutConfig, SftConfig, TrainConfig
-from raylign.common.lora import adapter_files, merged_lora_weights
+from raylign.common.lora import LiveAdapter, adapter_files, merged_lora_weights
 from raylign.common.types import AdapterUpdate, MergedWeightsUpdate, PromptItem, Sample
 from raylign.common.precision import DTYPES, attention_kernel, mixed_precision
 from raylign.common.prompt_completion import pad_token_id
@@ -154,6 +154,7 @@ class LearnerWorker:
 
             self.reward_model = load_reward_model(algo.reward_model, "classifier").to(self.device)
         self.version = 0
+        self.live_adapter = LiveAdapter(self.model)  # the policy adapter's tensors, read and set without PEFT's walk
         self.adapter_history: dict[int, dict[str, torch.Tensor]] = {}
         self._remember_adapter()
         return sum(p.numel() for p in self.trainable_parameters)
@@ -163,31 +164,26 @@ class LearnerWorker:
         stale sample's behaviour logprobs can be checked under the weights that generated it."""
         if self.rollout.max_staleness == 0:
             return
-        from peft import get_peft_model_state_dict
-
-        state = get_peft_model_state_dict(self.model, adapter_name="default")
-        self.adapter_history[self.version] = {name: value.detach().to("cpu", copy=True) for name, value in state.items()}
+        self.adapter_history[self.version] = {name: value.detach().to("cpu", copy=True)
+                                              for name, value in self.live_adapter.tensors.items()}
         for version in [v for v in self.adapter_history if v < self.version - self.rollout.max_staleness]:
             del self.adapter_history[version]
 
     @contextlib.contextmanager
     def _adapter_of_version(self, version: int):
         """The policy adapter temporarily set to the weights of `version`."""
-        from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
-        current = {name: value.detach().clone() for name, value in
-                   get_peft_model_state_dict(self.model, adapter_name="default").items()}
-        set_peft_model_state_dict(self.model, self.adapter_history[version], adapter_name="default")
+        current = {name: value.detach().clone() for name, value in self.live_adapter.tensors.items()}
+        self.live_adapter.load(self.adapter_history[version], version)
         try:
             yield
         finally:
-            set_peft_model_state_dict(self.model, current, adapter_name="default")
+            self.live_adapter.load(current, self.version)
 
     def publish(self) -> AdapterUpdate | MergedWeightsUpdate:
         """The current policy, versioned: the adapter in PEFT's file format, or merged weights."""
         if self.rollout.weight_sync == "merged":
             return MergedWeightsUpdate(version=self.version, weights=merged_lora_weights(self.model))
-        return AdapterUpdate(version=self.version, files=adapter_files(self.model, self.version))
+        return AdapterUpdate(version=self.version, files=adapter_files(self.model, self.version, self.live_adapter))
 
     @in_mixed_precision
     def reference_kl(self, samples: list[Sample], temperature: float = 1.0) -> dict:

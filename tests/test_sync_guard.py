@@ -130,3 +130,30 @@ def test_bfloat16_weights_learn_under_autocast_with_float32_adapters_and_the_gua
     assert metrics["rollout/logprob_gap"] > 2 * config.rollout.sync_tolerance
     with pytest.raises(SyncError, match="not sampling from the adapter"):
         check_sync(metrics, config.rollout.sync_tolerance, step=2)
+
+
+def test_the_live_adapter_publishes_and_loads_exactly_what_peft_does(tiny_model_dir):
+    """LiveAdapter (common/lora.py) replaces PEFT's get_/set_peft_model_state_dict walks in the publish: the
+    same bytes as PEFT's path after a training step, the same weights on the engine, a misfit refused."""
+    from peft import get_peft_model_state_dict
+
+    from raylign.common.lora import adapter_files, adapter_state_dict
+
+    config = load_config("configs/quickstart.yaml", [f"model.path={tiny_model_dir}", "rollout.backend=hf",
+                                                      "train.learning_rate=0.05"])
+    learner = LearnerWorker(tiny_model_dir, config.model, config.train, config.algorithm, config.rollout, seed=0)
+    learner.attach_lora()
+    rollout = RolloutWorker("hf", tiny_model_dir)
+    rollout.load_update(learner.publish())
+    samples = rollout.generate(prompts(learner.tokenizer("Honestly, the movie was").input_ids), load_settings(config))
+    learner.train_step(samples, [float(i % 3) for i in range(len(samples))])  # the adapter changes in place
+
+    update = learner.publish()
+    assert update.files == adapter_files(learner.model, learner.version)  # PEFT's walk: byte for byte
+    rollout.load_update(update)
+    engine_state = get_peft_model_state_dict(rollout.engine.model)
+    published = adapter_state_dict(update.files)
+    assert engine_state.keys() == published.keys()
+    assert all(torch.equal(engine_state[name], tensor) for name, tensor in published.items())
+    with pytest.raises(RuntimeError, match="does not fit the rollout model"):
+        rollout.engine.adapter.load({"base_model.model.not_a_layer.lora_A.weight": torch.zeros(1)}, version=9)
