@@ -25,7 +25,6 @@ from raylign.common.sampling import processed_logprobs
 from raylign.common.types import AdapterUpdate, Completion, MergedWeightsUpdate, PromptItem, SamplingSettings
 
 
-
 class RolloutEngine(Protocol):
     def generate(self, prompts: list[PromptItem], settings: SamplingSettings) -> list[list[Completion]]:
         """K completions for each prompt, in prompt order."""

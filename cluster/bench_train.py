@@ -40,8 +40,8 @@ LARGE_LLAMA = {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers
 def workload_overrides(model_path: str, steps: int, max_new_tokens: int, output_dir: Path,
                        dtype: str = "float32") -> list[str]:
     return [
-        f"model.dtype={dtype}",
-        f"model.path={model_path}", "model.lora.r=8", "model.lora.alpha=16", "model.lora.target_modules=all-linear",
+        f"model.path={model_path}", f"model.dtype={dtype}", "model.lora.r=8", "model.lora.alpha=16",
+        "model.lora.target_modules=all-linear",
         "sft.steps=0", "eval.every=0", "eval.run_test=false", "logging.progress=false", "algorithm.name=grpo",
         "algorithm.kl_coef=0.04", "algorithm.kl_estimator=k3", "train.prompts_per_step=8",
         "rollout.samples_per_prompt=4", f"rollout.max_new_tokens={max_new_tokens}", f"train.steps={steps}",
@@ -153,10 +153,10 @@ def bench_train(steps: int, warmup_steps: int, workloads: list[str], modes: list
             model_path = build_large_model(tiny, workdir / name)
         entry = {"model_path": model_path, "max_new_tokens": max_new_tokens, "modes": {}}
         for mode in modes:
-            entry["modes"][mode] = run_raylign(mode, model_path, steps, max_new_tokens, warmup_steps, workdir / name,
-                                                  dtype)
+            entry["modes"][mode] = run_raylign(mode, model_path, steps, max_new_tokens, warmup_steps,
+                                               workdir / name, dtype)
         entry["modes"]["trl_grpo"] = run_trl(model_path, prompts, steps, max_new_tokens, warmup_steps,
-                                                 workdir / name, dtype)
+                                             workdir / name, dtype)
         trl_step = entry["modes"]["trl_grpo"].get("step_s")
         if trl_step:
             entry["speedup_vs_trl"] = {mode: trl_step / entry["modes"][mode]["step_s"] for mode in modes}

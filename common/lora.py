@@ -36,8 +36,8 @@ class LiveAdapter:
         """Copy an adapter state (the same names) into the live parameters."""
         if state.keys() != self.tensors.keys():
             unexpected, missing = sorted(state.keys() - self.tensors.keys()), sorted(self.tensors.keys() - state.keys())
-            raise RuntimeError(f"adapter version {version} does not fit the rollout model: tensors it lacks "
-                               f"{unexpected[:3]}, tensors it misses {missing[:3]}")
+            raise RuntimeError(f"adapter version {version} does not fit this model's adapter: it has tensors the "
+                               f"model lacks {unexpected[:3]} and lacks tensors the model has {missing[:3]}")
         for name, tensor in state.items():
             self.tensors[name].copy_(tensor)
 

@@ -17,8 +17,8 @@ import torch
 
 from raylign.common.config import AlgorithmConfig, ModelConfig, RolloutConfig, SftConfig, TrainConfig
 from raylign.common.lora import LiveAdapter, adapter_files, merged_lora_weights
-from raylign.common.types import AdapterUpdate, MergedWeightsUpdate, PromptItem, Sample
 from raylign.common.precision import DTYPES, attention_kernel, mixed_precision
+from raylign.common.types import AdapterUpdate, MergedWeightsUpdate, PromptItem, Sample
 from raylign.common.prompt_completion import pad_token_id
 from raylign.common.storage import local_copy
 from raylign.learner import algorithms as alg

@@ -155,5 +155,5 @@ def test_the_live_adapter_publishes_and_loads_exactly_what_peft_does(tiny_model_
     published = adapter_state_dict(update.files)
     assert engine_state.keys() == published.keys()
     assert all(torch.equal(engine_state[name], tensor) for name, tensor in published.items())
-    with pytest.raises(RuntimeError, match="does not fit the rollout model"):
+    with pytest.raises(RuntimeError, match="does not fit this model's adapter"):
         rollout.engine.adapter.load({"base_model.model.not_a_layer.lora_A.weight": torch.zeros(1)}, version=9)
