@@ -11,14 +11,19 @@ from raylign.common.types import AdapterUpdate, PromptItem
 from raylign.learner.learner_worker import LearnerWorker
 
 
+def learner_and_rollout(model_dir, *overrides):
+    """The quickstart's learner on `model_dir` and a transformers rollout worker holding its first adapter."""
+    config = load_config("configs/quickstart.yaml", [f"model.path={model_dir}", "rollout.backend=hf", *overrides])
+    learner = LearnerWorker(model_dir, config.model, config.train, config.algorithm, config.rollout, seed=0)
+    learner.attach_lora()
+    rollout = RolloutWorker("hf", model_dir, dtype=config.model.dtype)
+    rollout.load_update(learner.publish())
+    return config, learner, rollout
+
+
 @pytest.fixture(scope="module")
 def pair(warm_model_dir):
-    config = load_config("configs/quickstart.yaml", [f"model.path={warm_model_dir}", "rollout.backend=hf",
-                                                      "train.learning_rate=0.05"])
-    learner = LearnerWorker(warm_model_dir, config.model, config.train, config.algorithm, config.rollout, seed=0)
-    learner.attach_lora()
-    rollout = RolloutWorker("hf", warm_model_dir)
-    rollout.load_update(learner.publish())
+    config, learner, rollout = learner_and_rollout(warm_model_dir, "train.learning_rate=0.05")
     settings = load_settings(config)
     return config, learner, rollout, settings
 
@@ -60,12 +65,7 @@ def rollout_with(rollout, update, prompt_ids, settings):
 
 
 def test_top_p_sampling_on_the_transformers_engine_keeps_the_gap_within_tolerance(warm_model_dir):
-    config = load_config("configs/quickstart.yaml", [f"model.path={warm_model_dir}", "rollout.backend=hf",
-                                                      "rollout.top_p=0.9", "rollout.top_k=40"])
-    learner = LearnerWorker(warm_model_dir, config.model, config.train, config.algorithm, config.rollout, seed=0)
-    learner.attach_lora()
-    rollout = RolloutWorker("hf", warm_model_dir)
-    rollout.load_update(learner.publish())
+    config, learner, rollout = learner_and_rollout(warm_model_dir, "rollout.top_p=0.9", "rollout.top_k=40")
     from raylign.common.types import SamplingSettings
 
     r = config.rollout
@@ -79,13 +79,8 @@ def test_top_p_sampling_on_the_transformers_engine_keeps_the_gap_within_toleranc
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_stale_sample_is_checked_under_the_adapter_version_that_generated_it(warm_model_dir, dtype):
     # bfloat16 runs under autocast, whose cast cache would hide the older version's weights (gap 1.15).
-    config = load_config("configs/quickstart.yaml", [f"model.path={warm_model_dir}", "rollout.backend=hf",
-                                                      "train.learning_rate=0.05", "rollout.max_staleness=1",
-                                                      "algorithm.importance_sampling_cap=2.0", f"model.dtype={dtype}"])
-    learner = LearnerWorker(warm_model_dir, config.model, config.train, config.algorithm, config.rollout, seed=0)
-    learner.attach_lora()
-    rollout = RolloutWorker("hf", warm_model_dir, dtype=dtype)
-    rollout.load_update(learner.publish())
+    config, learner, rollout = learner_and_rollout(warm_model_dir, "train.learning_rate=0.05", "rollout.max_staleness=1",
+                                                   "algorithm.importance_sampling_cap=2.0", f"model.dtype={dtype}")
     settings = load_settings(config)
     prompt_ids = learner.tokenizer("Honestly, the movie was").input_ids
     rewards = [float(i % 3) for i in range(16)]
@@ -102,15 +97,10 @@ def test_a_stale_sample_is_checked_under_the_adapter_version_that_generated_it(w
 
 def test_bfloat16_weights_learn_under_autocast_with_float32_adapters_and_the_guard_still_catches_a_skipped_publish(
         warm_model_dir):
-    config = load_config("configs/quickstart.yaml", [f"model.path={warm_model_dir}", "rollout.backend=hf",
-                                                      "model.dtype=bfloat16", "train.learning_rate=0.05"])
+    config, learner, rollout = learner_and_rollout(warm_model_dir, "model.dtype=bfloat16", "train.learning_rate=0.05")
     assert config.rollout.sync_tolerance == 1e-2  # the bf16 default: vLLM's kernels round ~1e-3 away from the learner's
-    learner = LearnerWorker(warm_model_dir, config.model, config.train, config.algorithm, config.rollout, seed=0)
-    learner.attach_lora()
     assert learner.model.config._attn_implementation == "eager"  # model.attn_implementation 'auto' on CPU, in bf16
     assert {p.dtype for p in learner.trainable_parameters} == {torch.float32}
-    rollout = RolloutWorker("hf", warm_model_dir, dtype="bfloat16")
-    rollout.load_update(learner.publish())
     settings = load_settings(config)
     prompt_ids = learner.tokenizer("Honestly, the movie was").input_ids
 
@@ -139,12 +129,7 @@ def test_the_live_adapter_publishes_and_loads_exactly_what_peft_does(tiny_model_
 
     from raylign.common.lora import adapter_files, adapter_state_dict
 
-    config = load_config("configs/quickstart.yaml", [f"model.path={tiny_model_dir}", "rollout.backend=hf",
-                                                      "train.learning_rate=0.05"])
-    learner = LearnerWorker(tiny_model_dir, config.model, config.train, config.algorithm, config.rollout, seed=0)
-    learner.attach_lora()
-    rollout = RolloutWorker("hf", tiny_model_dir)
-    rollout.load_update(learner.publish())
+    config, learner, rollout = learner_and_rollout(tiny_model_dir, "train.learning_rate=0.05")
     samples = rollout.generate(prompts(learner.tokenizer("Honestly, the movie was").input_ids), load_settings(config))
     learner.train_step(samples, [float(i % 3) for i in range(len(samples))])  # the adapter changes in place
 
