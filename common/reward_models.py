@@ -33,12 +33,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from raylign.common.precision import DTYPES
 from raylign.common.storage import local_copy
 
 REWARD_MODEL_CONFIG = "reward_model.json"
 REWARD_HEAD_WEIGHTS = "reward_head.safetensors"
 KINDS = ("scalar", "seqcls", "classifier")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -35,9 +35,9 @@ from raylign.common.preference_data import (
     prompt_key,
     split_by_prompt,
 )
+from raylign.common.precision import DTYPES
 from raylign.common.prompt_completion import check_chat_template
 from raylign.common.reward_models import (
-    DTYPES,
     ClassifierRewardModel,
     ScalarRewardModel,
     SequenceClassificationRewardModel,

@@ -15,12 +15,11 @@ import torch
 
 from raylign.common.lora import adapter_files, merged_lora_weights
 from raylign.common.model_checks import load_tokenizer
+from raylign.common.precision import DTYPES
 from raylign.common.prompt_completion import pad_token_id
 from raylign.common.storage import local_copy
 from raylign.common.types import AdapterUpdate, MergedWeightsUpdate, Sample, SamplingSettings
 from raylign.learner.batching import build_token_batch, score_tokens
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class SequenceScorer:
