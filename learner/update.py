@@ -54,6 +54,7 @@ class ScoringPolicy:
     critic: str = "value_head"
     top_k: int = -1
     top_p: float = 1.0
+    share_prompts: bool = True  # each distinct prompt runs once (learner.batching.score_tokens)
 
     def score(self, batch: TokenBatch, *, with_entropy: bool = False, with_values: bool = False,
               temperature: float | None = None, truncate: bool = True) -> tuple[TokenScores, torch.Tensor | None]:
@@ -65,6 +66,7 @@ class ScoringPolicy:
             min_new_tokens=self.min_new_tokens, with_entropy=with_entropy,
             with_hidden=with_values and not separate_critic,
             top_k=self.top_k if truncate else -1, top_p=self.top_p if truncate else 1.0,
+            share_prompts=self.share_prompts,
         )
         if not with_values:
             return scores, None
