@@ -60,8 +60,9 @@ class LearnerGroup:
         return self.leader.publish.remote()
 
     def start_train_step(self, samples, rewards: list[float], group_sizes: list[int]) -> list:
-        """Launch one update on every rank (the batch is put in the object store once); `finish` waits for it."""
-        batch = ray.put(samples)
+        """Launch one update on every rank; `finish` waits for it. A group puts the batch in the object store
+        once for all its ranks; a lone learner gets it in the call itself (a small batch travels inline)."""
+        batch = ray.put(samples) if len(self.actors) > 1 else samples
         return [actor.train_step.remote(batch, rewards, group_sizes) for actor in self.actors]
 
     def finish(self, pending: list) -> dict:
