@@ -97,7 +97,7 @@ def score_tokens(
     With `share_prompts` and rows that share a prompt, each prompt runs once (see the module docstring);
     only completion positions are scored then, and prompt positions hold 0.
     """
-    sharing = _prompt_sharing(batch) if share_prompts else None
+    sharing = _prompt_sharing(batch, sliding_window(model)) if share_prompts else None
     view = _full_forward(model, batch, with_hidden) if sharing is None else _shared_prompt_forward(model, batch, *sharing, with_hidden)
     logits = view.logits.float() / temperature
     if min_new_tokens > 0 and eos_token_id is not None:
@@ -142,12 +142,31 @@ def _full_forward(model, batch: TokenBatch, with_hidden: bool) -> _Contexts:
                      output.hidden_states[-1][:, :-1] if with_hidden else None, batch.input_ids.shape[1])
 
 
-def _prompt_sharing(batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(the prompt of each row [B], the first row of each prompt [G]) when some rows share a prompt, else None."""
+def sliding_window(model) -> int | None:
+    """The shortest attention window of `model`'s layers, None when every layer attends to the whole sequence."""
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
+
+
+def _prompt_sharing(batch: TokenBatch, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(the prompt of each row [B], the first row of each prompt [G]) when some rows share a prompt, else None.
+
+    A sliding window counts cache slots, and the shared forward's slots include the padding after shorter
+    prompts: with a window shorter than the longest prompt plus the longest completion, a token would lose
+    context it has in its own sequence, so such a batch takes the full forward.
+    """
     labels, prompt_of_row = torch.unique(batch.prompt_group, return_inverse=True)
     rows = len(prompt_of_row)
     completion_lengths = batch.attention_mask.sum(-1) - batch.prompt_lengths
     if len(labels) == rows or int(completion_lengths.max()) == 0:
+        return None
+    if window is not None and int(batch.prompt_lengths.max()) + int(completion_lengths.max()) > window:
         return None
     first_row = torch.full((len(labels),), rows, device=prompt_of_row.device).scatter_reduce(
         0, prompt_of_row, torch.arange(rows, device=prompt_of_row.device), "amin")
