@@ -319,7 +319,8 @@ def evaluate(config: EvaluateConfig, verbose: bool = False) -> dict:
     scorer = remote_actor(SequenceScorer, "scorer", log_dir).options(
         num_cpus=config.scorer.num_cpus, num_gpus=config.scorer.num_gpus).remote(
         for_actors(None if reference is None else reference.base), for_actors(None if reference is None else reference.adapter),
-        config.dtype, "cuda" if config.scorer.num_gpus > 0 else "cpu", config.scorer.threads, config.scorer.batch_size)
+        config.dtype, "cuda" if config.scorer.num_gpus > 0 else "cpu", config.scorer.threads, config.scorer.batch_size,
+        config.scorer.shared_prompt_forward)
     rollout = config.rollout
     settings = SamplingSettings(samples_per_prompt=rollout.samples_per_prompt, max_new_tokens=rollout.max_new_tokens,
                                 min_new_tokens=rollout.min_new_tokens, temperature=rollout.temperature,

@@ -66,6 +66,9 @@ class ScorerConfig(Section):
     num_gpus: float = Field(0.0, ge=0, description="GPUs for that actor.")
     threads: int = Field(1, ge=1, description="CPU threads it uses.")
     batch_size: int = Field(16, ge=1, description="Samples per forward pass.")
+    shared_prompt_forward: bool = Field(
+        True, description="Score each distinct prompt of a forward pass once, its samples on its key/value cache "
+                          "(as train.shared_prompt_forward: the same logprobs, faster).")
 
 
 class EvaluationSpec(Section):

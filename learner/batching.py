@@ -8,9 +8,12 @@ The K samples of a prompt share its tokens, so `score_tokens` runs each distinct
 prompt once and its completions on top of that prompt's key/value cache (the
 "shared-prefix" forward, as in Prefix Grouper, arXiv:2506.05433). The logprobs and
 their gradients are the same as K full forwards, up to float rounding; the prompt
-tokens are computed once instead of K times (86M Llama, 8 prompts x 4 samples of
-~12 + 24 tokens: reference forward 1.29 -> 0.90 s, training forward+backward
-3.16 -> 2.14 s on 2 CPU cores).
+tokens' layers are computed once instead of K times (attention still reads the
+prompt's keys for every sample). 86M Llama, 8 prompts x 4 samples of ~12 + 24
+tokens: reference forward 1.29 -> 0.90 s, training forward+backward 3.16 -> 2.14 s
+on 2 CPU cores. A model that cannot place a completion exactly on a cached prompt
+(`can_share_prompts`), or a batch longer than its sliding window, takes the full
+forward.
 """
 
 from __future__ import annotations
@@ -97,7 +100,7 @@ def score_tokens(
     With `share_prompts` and rows that share a prompt, each prompt runs once (see the module docstring);
     only completion positions are scored then, and prompt positions hold 0.
     """
-    sharing = _prompt_sharing(batch, sliding_window(model)) if share_prompts else None
+    sharing = _prompt_sharing(batch, sliding_window(model)) if share_prompts and can_share_prompts(model) else None
     view = _full_forward(model, batch, with_hidden) if sharing is None else _shared_prompt_forward(model, batch, *sharing, with_hidden)
     logits = view.logits.float() / temperature
     if min_new_tokens > 0 and eos_token_id is not None:
@@ -140,6 +143,19 @@ def _full_forward(model, batch: TokenBatch, with_hidden: bool) -> _Contexts:
     output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=with_hidden)
     return _Contexts(output.logits[:, :-1], batch.input_ids[:, 1:], batch.completion_index,
                      output.hidden_states[-1][:, :-1] if with_hidden else None, batch.input_ids.shape[1])
+
+
+def can_share_prompts(model) -> bool:
+    """Whether `model` can run a completion on a cached prompt with exact positions: its forward names
+    `past_key_values` and `position_ids` (a model that swallows position ids in **kwargs, such as MPT, places
+    its ALiBi bias by cache slot and would count the padding after a shorter prompt as distance), and it is
+    not recomputing layers for gradient checkpointing in training mode (which drops the cache)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameters = inspect.signature(base.forward).parameters
+    checkpointing = getattr(base, "is_gradient_checkpointing", False) and base.training
+    return "past_key_values" in parameters and "position_ids" in parameters and not checkpointing
 
 
 def sliding_window(model) -> int | None:
@@ -190,16 +206,25 @@ def _shared_prompt_forward(model, batch: TokenBatch, prompt_of_row: torch.Tensor
     cache = DynamicCache()
     prompts = model(input_ids=batch.input_ids[first_row, :longest_prompt], attention_mask=prompt_mask,
                     past_key_values=cache, use_cache=True, output_hidden_states=with_hidden)
+    if cache.get_seq_length() != longest_prompt:
+        raise RuntimeError(
+            f"the shared-prompt forward ran {longest_prompt} prompt tokens but {type(model).__name__} cached "
+            f"{cache.get_seq_length()}: this model does not fill the key/value cache it is given; set "
+            "train.shared_prompt_forward=false (evaluation: scorer.shared_prompt_forward=false)"
+        )
     cache.batch_select_indices(prompt_of_row)
 
     steps = torch.arange(longest_completion, device=device)
     valid = steps < completion_lengths[:, None]  # [B, C]
     width = batch.input_ids.shape[1]
     completion_ids = batch.input_ids.gather(1, (prompt_lengths[:, None] + steps).clamp(max=width - 1))
+    # Unused slots after a shorter completion repeat the row's last position: no position beyond its sequence
+    # (which could switch a length-dependent RoPE scaling the full forward would not).
+    last_position = (prompt_lengths + completion_lengths - 1)[:, None]
     completions = model(input_ids=completion_ids,
                         attention_mask=torch.cat([prompt_mask[prompt_of_row], valid.to(prompt_mask.dtype)], dim=1),
-                        position_ids=prompt_lengths[:, None] + steps, past_key_values=cache, use_cache=True,
-                        output_hidden_states=with_hidden)
+                        position_ids=torch.minimum(prompt_lengths[:, None] + steps, last_position),
+                        past_key_values=cache, use_cache=True, output_hidden_states=with_hidden)
 
     rows = torch.arange(len(prompt_of_row), device=device)
     last_prompt_token = prompt_lengths - 1  # its context predicts the first completion token

@@ -26,9 +26,10 @@ class SequenceScorer:
     """Runs as a Ray actor (the evaluation wraps it with `ray.remote`); usable directly in tests."""
 
     def __init__(self, reference: str | None = None, reference_adapter: str | None = None, dtype: str = "float32",
-                 device: str = "cpu", threads: int = 1, batch_size: int = 16):
+                 device: str = "cpu", threads: int = 1, batch_size: int = 16, share_prompts: bool = True):
         torch.set_num_threads(threads)
         self.dtype, self.device, self.batch_size = DTYPES[dtype], torch.device(device), batch_size
+        self.share_prompts = share_prompts
         self.reference = self.reference_vocab = None
         if reference is not None:
             self.reference, _ = self._load(reference, reference_adapter)
@@ -82,7 +83,8 @@ class SequenceScorer:
         for start in range(0, len(samples), self.batch_size):
             part = samples[start:start + self.batch_size]
             batch = build_token_batch(part, pad).to(self.device)
-            options = {"temperature": settings.temperature, "eos_token_id": eos, "min_new_tokens": settings.min_new_tokens}
+            options = {"temperature": settings.temperature, "eos_token_id": eos, "min_new_tokens": settings.min_new_tokens,
+                       "share_prompts": self.share_prompts}
             policy = score_tokens(self.policy, batch, top_k=settings.top_k, top_p=settings.top_p, **options).logprobs
             reference = score_tokens(self.reference, batch, **options).logprobs if self.reference is not None else None
             mask = batch.completion_mask.bool()

@@ -377,7 +377,11 @@ def run_update(policy: ScoringPolicy, targets: UpdateTargets, algo: AlgorithmCon
         for minibatch in torch.tensor_split(order, algo.num_minibatches):
             normaliser = alg.Normaliser(tokens=float(completion_lengths[minibatch].sum()), sequences=len(minibatch))
             mine = local_index[minibatch]
-            for rows in torch.split(mine[mine >= 0], micro_batch_size):
+            mine = mine[mine >= 0]
+            # A shuffled minibatch's rows, grouped by prompt, so micro-batches keep the prompts they share
+            # (score_tokens runs each once); the minibatch's summed gradient does not depend on the order.
+            mine = mine[torch.argsort(targets.batch.prompt_group.cpu()[mine], stable=True)]
+            for rows in torch.split(mine, micro_batch_size):
                 loss, stats = minibatch_loss(policy, targets, rows, normaliser, algo, max_new_tokens)
                 loss.backward()
                 totals += torch.stack([stats[key].detach().double().cpu() for key in keys])

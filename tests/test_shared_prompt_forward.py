@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from raylign.common.precision import DTYPES, attention_kernel, mixed_precision
 from raylign.common.tiny_model import FAMILIES
 from raylign.common.types import Sample
-from raylign.learner.batching import build_token_batch, score_tokens, sliding_window
+from raylign.learner.batching import build_token_batch, can_share_prompts, score_tokens, sliding_window
 
 # Three prompts of 5, 2 and 7 tokens with 3, 1 and 2 samples; completions of 1 to 6 tokens.
 PROMPTS = [[11, 12, 13, 14, 15], [21, 22], [31, 32, 33, 34, 35, 36, 37]]
@@ -96,3 +96,33 @@ def test_a_sliding_window_shorter_than_the_shared_cache_takes_the_full_forward(t
         full = score_tokens(model, batch, share_prompts=False).logprobs
         shared = score_tokens(model, batch).logprobs
     torch.testing.assert_close(shared[mask], full[mask])
+
+
+class PositionsByKeywords(torch.nn.Module):
+    """A model whose forward takes position ids only through **kwargs (as MPT's, whose ALiBi ignores them)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None, past_key_values=None, **kwargs):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+
+
+class DropsTheCache(PositionsByKeywords):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
+                output_hidden_states=False):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states)
+
+
+def test_a_model_that_cannot_place_completions_on_a_cached_prompt_takes_the_full_forward_or_stops(twin_dirs):
+    inner = AutoModelForCausalLM.from_pretrained(twin_dirs["llama"]).eval()
+    assert can_share_prompts(inner) and can_share_prompts(policy_of(twin_dirs["llama"], "float32"))
+    batch = build_token_batch(samples(), pad_token_id=0)
+    with torch.no_grad():
+        full = score_tokens(inner, batch, share_prompts=False).logprobs
+        swallowed = PositionsByKeywords(inner)
+        assert not can_share_prompts(swallowed)
+        torch.testing.assert_close(score_tokens(swallowed, batch).logprobs, full)  # the full forward, prompts included
+        with pytest.raises(RuntimeError, match="shared_prompt_forward=false"):
+            score_tokens(DropsTheCache(inner), batch)
