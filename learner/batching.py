@@ -145,17 +145,22 @@ def _full_forward(model, batch: TokenBatch, with_hidden: bool) -> _Contexts:
                      output.hidden_states[-1][:, :-1] if with_hidden else None, batch.input_ids.shape[1])
 
 
+def _takes(model, argument: str) -> bool:
+    """Whether the forward of `model` (under a PEFT wrapper, its base model's) names `argument`."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return argument in inspect.signature(base.forward).parameters
+
+
 def can_share_prompts(model) -> bool:
     """Whether `model` can run a completion on a cached prompt with exact positions: its forward names
     `past_key_values` and `position_ids` (a model that swallows position ids in **kwargs, such as MPT, places
     its ALiBi bias by cache slot and would count the padding after a shorter prompt as distance), and it is
     not recomputing layers for gradient checkpointing in training mode (which drops the cache)."""
-    import inspect
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    parameters = inspect.signature(base.forward).parameters
     checkpointing = getattr(base, "is_gradient_checkpointing", False) and base.training
-    return "past_key_values" in parameters and "position_ids" in parameters and not checkpointing
+    return _takes(model, "past_key_values") and _takes(model, "position_ids") and not checkpointing
 
 
 def sliding_window(model) -> int | None:
@@ -203,9 +208,14 @@ def _shared_prompt_forward(model, batch: TokenBatch, prompt_of_row: torch.Tensor
     longest_prompt, longest_completion = int(prompt_lengths.max()), int(completion_lengths.max())
     prompt_positions = torch.arange(longest_prompt, device=device)
     prompt_mask = (prompt_positions < prompt_lengths[first_row, None]).to(batch.attention_mask.dtype)
+    last_prompt_token = prompt_lengths - 1  # its context predicts the first completion token
+    # Of the prompt forward's logits only each prompt's last position is read: a forward that takes
+    # `logits_to_keep` computes just the distinct last positions (G x V x a few, not G x V x the longest prompt).
+    kept_positions = torch.unique(last_prompt_token[first_row]) if _takes(model, "logits_to_keep") else None
     cache = DynamicCache()
     prompts = model(input_ids=batch.input_ids[first_row, :longest_prompt], attention_mask=prompt_mask,
-                    past_key_values=cache, use_cache=True, output_hidden_states=with_hidden)
+                    past_key_values=cache, use_cache=True, output_hidden_states=with_hidden,
+                    **({} if kept_positions is None else {"logits_to_keep": kept_positions}))
     if cache.get_seq_length() != longest_prompt:
         raise RuntimeError(
             f"the shared-prompt forward ran {longest_prompt} prompt tokens but {type(model).__name__} cached "
@@ -227,14 +237,14 @@ def _shared_prompt_forward(model, batch: TokenBatch, prompt_of_row: torch.Tensor
                         past_key_values=cache, use_cache=True, output_hidden_states=with_hidden)
 
     rows = torch.arange(len(prompt_of_row), device=device)
-    last_prompt_token = prompt_lengths - 1  # its context predicts the first completion token
 
-    def contexts(prompt_output: torch.Tensor, completion_output: torch.Tensor) -> torch.Tensor:
-        return torch.cat([prompt_output[prompt_of_row, last_prompt_token].unsqueeze(1), completion_output[:, :-1]], dim=1)
+    def contexts(prompt_output: torch.Tensor, completion_output: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return torch.cat([prompt_output[prompt_of_row, positions].unsqueeze(1), completion_output[:, :-1]], dim=1)
 
-    hidden = contexts(prompts.hidden_states[-1], completions.hidden_states[-1]) if with_hidden else None
+    hidden = contexts(prompts.hidden_states[-1], completions.hidden_states[-1], last_prompt_token) if with_hidden else None
+    logit_positions = last_prompt_token if kept_positions is None else torch.searchsorted(kept_positions, last_prompt_token)
     columns = last_prompt_token[:, None] + steps
     row_of_valid = rows[:, None].expand_as(valid)[valid]
-    return _Contexts(contexts(prompts.logits, completions.logits), completion_ids,
+    return _Contexts(contexts(prompts.logits, completions.logits, logit_positions), completion_ids,
                      torch.where(valid, steps, torch.full_like(columns, -1)), hidden, width,
                      columns=(valid, row_of_valid, columns[valid]))
