@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from transformers import DynamicCache
 
 from raylign.common.sampling import truncate_logits
@@ -145,12 +144,16 @@ def _full_forward(model, batch: TokenBatch, with_hidden: bool) -> _Contexts:
                      output.hidden_states[-1][:, :-1] if with_hidden else None, batch.input_ids.shape[1])
 
 
+def _base_model(model):
+    """`model` itself, or the transformers model under its PEFT wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _takes(model, argument: str) -> bool:
     """Whether the forward of `model` (under a PEFT wrapper, its base model's) names `argument`."""
     import inspect
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return argument in inspect.signature(base.forward).parameters
+    return argument in inspect.signature(_base_model(model).forward).parameters
 
 
 def can_share_prompts(model) -> bool:
@@ -158,7 +161,7 @@ def can_share_prompts(model) -> bool:
     `past_key_values` and `position_ids` (a model that swallows position ids in **kwargs, such as MPT, places
     its ALiBi bias by cache slot and would count the padding after a shorter prompt as distance), and it is
     not recomputing layers for gradient checkpointing in training mode (which drops the cache)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base_model(model)
     checkpointing = getattr(base, "is_gradient_checkpointing", False) and base.training
     return _takes(model, "past_key_values") and _takes(model, "position_ids") and not checkpointing
 

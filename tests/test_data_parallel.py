@@ -55,10 +55,14 @@ def test_two_learners_make_the_update_of_one(ray_session, tiny_model_dir, overri
     single, pair = start_learners(tiny_model_dir, (1, 2), overrides)
     one_metrics, (one,) = two_steps(single, batch)
     two_metrics, (first, second) = two_steps(pair, batch)
-    # Every rank holds the same adapter, and it is the single learner's.
+    # Every rank holds the same adapter, and it is the single learner's. Compared per tensor by relative norm:
+    # AdamW's step is lr * m / (sqrt(v) + 1e-8), so an element whose gradient is ~0 moves by a share of lr that
+    # the gradient's float rounding decides (grpo: layer 0 up_proj lora_B[205, 2] has a first gradient of 1.3e-8
+    # against a median of 1.5e-3, and ended 1.1e-5 apart with 2 ranks; that tensor's relative difference 1.3e-4,
+    # the others' <= 2e-5). The gradients themselves are checked through grad_norm below.
     for name, value in one.items():
         assert torch.equal(first[name], second[name])
-        torch.testing.assert_close(first[name], value, atol=1e-5, rtol=1e-4)
+        assert float((first[name] - value).norm() / value.norm().clamp(min=1e-12)) < 1e-3, name
     assert any(float(v.abs().max()) > 0 for n, v in one.items() if "lora_B" in n)
     # ... and so are the metrics, on every rank.
     for step in range(2):
