@@ -54,11 +54,12 @@ class HFEngine:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype], attn_implementation=attention)
         self.model = self.model.to(self.device).eval()
         self.dtype, self.max_batch_rows = dtype, max_batch_rows
+        self.adapter: LiveAdapter | None = None  # bound when the first adapter wraps the model in PEFT
 
     def load_adapter(self, update: AdapterUpdate) -> None:
-        from peft import PeftModel, get_peft_model
+        from peft import get_peft_model
 
-        if not isinstance(self.model, PeftModel):
+        if self.adapter is None:
             self.model = get_peft_model(self.model, adapter_lora_config(update.files)).eval()
             self.adapter = LiveAdapter(self.model)
         self.adapter.load(adapter_state_dict(update.files), update.version)

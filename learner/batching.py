@@ -18,6 +18,8 @@ forward.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +38,10 @@ class TokenBatch:
     behaviour_logprobs: torch.Tensor  # [B, L-1] rollout logprobs at completion positions, 0 elsewhere
     prompt_lengths: torch.Tensor  # [B] tokens of each row's prompt
     prompt_group: torch.Tensor  # [B] rows with the same label have the same prompt tokens
+
+    @property
+    def completion_lengths(self) -> torch.Tensor:  # [B]
+        return self.attention_mask.sum(-1) - self.prompt_lengths
 
     def to(self, device: torch.device) -> "TokenBatch":
         return TokenBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
@@ -151,9 +157,13 @@ def _base_model(model):
 
 def _takes(model, argument: str) -> bool:
     """Whether the forward of `model` (under a PEFT wrapper, its base model's) names `argument`."""
-    import inspect
+    return argument in _forward_parameters(type(_base_model(model)))
 
-    return argument in inspect.signature(_base_model(model).forward).parameters
+
+@functools.cache
+def _forward_parameters(model_class: type) -> frozenset[str]:
+    """The argument names of a model class's forward, read once per class (score_tokens asks on every call)."""
+    return frozenset(inspect.signature(model_class.forward).parameters)
 
 
 def can_share_prompts(model) -> bool:
@@ -187,7 +197,7 @@ def _prompt_sharing(batch: TokenBatch, window: int | None = None) -> tuple[torch
     """
     labels, prompt_of_row = torch.unique(batch.prompt_group, return_inverse=True)
     rows = len(prompt_of_row)
-    completion_lengths = batch.attention_mask.sum(-1) - batch.prompt_lengths
+    completion_lengths = batch.completion_lengths
     if len(labels) == rows or int(completion_lengths.max()) == 0:
         return None
     if window is not None and int(batch.prompt_lengths.max()) + int(completion_lengths.max()) > window:
@@ -206,8 +216,7 @@ def _shared_prompt_forward(model, batch: TokenBatch, prompt_of_row: torch.Tensor
     the context (and position) it has in the full sequence.
     """
     device = batch.input_ids.device
-    prompt_lengths = batch.prompt_lengths
-    completion_lengths = batch.attention_mask.sum(-1) - prompt_lengths
+    prompt_lengths, completion_lengths = batch.prompt_lengths, batch.completion_lengths
     longest_prompt, longest_completion = int(prompt_lengths.max()), int(completion_lengths.max())
     prompt_positions = torch.arange(longest_prompt, device=device)
     prompt_mask = (prompt_positions < prompt_lengths[first_row, None]).to(batch.attention_mask.dtype)
