@@ -26,6 +26,11 @@ MODES = {
     # name: overrides on top of the workload's
     "raylign_vllm": ["rollout.backend=vllm"],
     "raylign_hf": ["rollout.backend=hf"],
+    # vLLM without LoRA, the merged weights reloaded in place each step: no LoRA kernels in generation.
+    "raylign_vllm_merged": ["rollout.backend=vllm", "rollout.weight_sync=merged"],
+    "raylign_vllm_merged_staleness1_split": ["rollout.backend=vllm", "rollout.weight_sync=merged",
+                                             "rollout.max_staleness=1", "algorithm.importance_sampling_cap=2.0",
+                                             "cluster.placement=split"],
     "raylign_vllm_staleness1_split": ["rollout.backend=vllm", "rollout.max_staleness=1",
                                       "algorithm.importance_sampling_cap=2.0", "cluster.placement=split"],
     # Colocated, one step stale: generation of step t+1 and learning of step t share all the cores at once.

@@ -7,8 +7,10 @@ The bytes are exactly what `PeftModel.save_pretrained` writes, so vLLM's
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -78,37 +80,40 @@ def adapter_lora_config(files: dict[str, bytes]):
     return LoraConfig.from_peft_type(**config) if hasattr(LoraConfig, "from_peft_type") else LoraConfig(**config)
 
 
-def merged_lora_weights(peft_model) -> bytes:
-    """Safetensors payload, under base-model names, of every linear layer an engine must reload: each
-    LoRA-adapted one as W + delta, and the unadapted linear layers beside it (same parent module) as they are,
-    biases included.
+def merged_lora_weights(peft_model) -> dict[str, np.ndarray]:
+    """Float32 arrays, under base-model names, of every linear layer an engine must reload: each LoRA-adapted
+    one as W + delta, and the unadapted linear layers beside it (same parent module) as they are, biases included.
 
     vLLM fuses sibling layers (q/k/v into one qkv_proj, gate/up into gate_up_proj), and its in-place reload
     rebuilds a fused layer only from all of its parts: an adapter on q_proj and v_proj alone must still send
     k_proj, or the reloaded qkv_proj holds uninitialised memory where k was.
+
+    NumPy arrays rather than a safetensors payload: Ray writes them to the object store once and every rollout
+    actor reads them there without a copy. For the 86M benchmark model (340 MB) safetensors' save took 0.6-1.4 s
+    and Ray's transfer of the bytes or of torch tensors another 0.5-2 s; the arrays, 0.3 s.
     """
     from peft.tuners.lora import LoraLayer
-    from safetensors.torch import save
 
     prefix = "base_model.model."
     modules = dict(peft_model.named_modules())
     adapted_parents = {name.rpartition(".")[0] for name, module in modules.items()
                        if isinstance(module, LoraLayer) and "default" in module.lora_A}
     merged = {}
-    for parent in sorted(adapted_parents):
-        for child_name, child in modules[parent].named_children():
-            name = f"{parent}.{child_name}".removeprefix(prefix)
-            if isinstance(child, LoraLayer) and "default" in child.lora_A:
-                base = child.get_base_layer()
-                weight = base.weight.detach() + child.get_delta_weight("default").detach()
-            elif _is_linear(child):
-                base, weight = child, child.weight.detach()
-            else:
-                continue
-            merged[f"{name}.weight"] = weight.to("cpu", torch.float32).contiguous()
-            if getattr(base, "bias", None) is not None:
-                merged[f"{name}.bias"] = base.bias.detach().to("cpu", torch.float32).contiguous()
-    return save(merged)
+    with torch.no_grad():
+        for parent in sorted(adapted_parents):
+            for child_name, child in modules[parent].named_children():
+                name = f"{parent}.{child_name}".removeprefix(prefix)
+                if isinstance(child, LoraLayer) and "default" in child.lora_A:
+                    base = child.get_base_layer()
+                    weight = base.weight + child.get_delta_weight("default")
+                elif _is_linear(child):
+                    base, weight = child, child.weight
+                else:
+                    continue
+                merged[f"{name}.weight"] = _float32_array(weight)
+                if getattr(base, "bias", None) is not None:
+                    merged[f"{name}.bias"] = _float32_array(base.bias)
+    return merged
 
 
 def _is_linear(module) -> bool:
@@ -118,7 +123,14 @@ def _is_linear(module) -> bool:
     return isinstance(module, (torch.nn.Linear, Conv1D))
 
 
-def load_merged_weights(payload: bytes) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load
+def _float32_array(tensor: torch.Tensor) -> np.ndarray:
+    # A copy, so that the update never aliases a live parameter.
+    return tensor.detach().to("cpu", torch.float32, copy=True).contiguous().numpy()
 
-    return load(payload)
+
+def load_merged_weights(weights: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """The arrays as tensors, sharing their memory. Arrays read from Ray's object store are read-only, which torch
+    warns about; the engines only copy from them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {name: torch.from_numpy(array) for name, array in weights.items()}

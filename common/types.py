@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class PromptItem:
@@ -141,8 +143,9 @@ class MergedWeightsUpdate:
     """Base weights with the adapter merged in (W + scale * B @ A), for the layers LoRA touches, and the
     unadapted linear layers beside them (`common.lora.merged_lora_weights`).
 
-    `weights` is a safetensors payload keyed by the base model's parameter names.
+    `weights`: float32 NumPy arrays keyed by the base model's parameter names (Ray hands arrays to every actor
+    from its object store without a copy).
     """
 
     version: int
-    weights: bytes
+    weights: dict[str, np.ndarray]

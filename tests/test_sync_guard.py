@@ -164,6 +164,7 @@ def test_merged_weights_name_every_linear_layer_beside_an_adapted_one(twin_dirs,
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.1)
     weights = load_merged_weights(merged_lora_weights(model))
+    assert all(tensor.dtype == torch.float32 for tensor in weights.values())
     attention = "model.layers.0.self_attn" if family == "llama" else "transformer.h.0.attn"
     expected = {f"{attention}.{layer}.{kind}" for layer in adapted + siblings for kind in ("weight", "bias")
                 if f"{attention}.{layer}.{kind}" in base_state}
