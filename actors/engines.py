@@ -200,9 +200,15 @@ class VLLMEngine:
         form, loads them through the model's own `load_weights` (its name mapping, fusing and transposes), and
         runs their post-load processing again, which on vLLM-CPU repacks the weights for its GEMM kernels.
         Layers the update does not name keep their weights."""
+        self._reload(list(load_merged_weights(update.weights).items()))
+
+    def restore_base_weights(self) -> None:
+        """Every weight back from the model's files (after merged weights replaced some), for another run."""
+        self._reload(None)
+
+    def _reload(self, weights: list[tuple[str, torch.Tensor]] | None) -> None:
         import logging
 
-        weights = list(load_merged_weights(update.weights).items())
         # The reload warns once per layer it was not given (embeddings, norms, the head): by design here. A
         # layer that failed to load shows instead in the sync guard's logprob gap, which the learner checks.
         quiet = [logging.getLogger(f"vllm.model_executor.model_loader.reload.{name}") for name in ("layerwise", "inplace")]

@@ -66,12 +66,14 @@ class RolloutWorker:
         else:
             raise ValueError(f"rollout.backend = '{backend}' is not supported; use 'vllm' or 'hf'")
         self.policy_version: int | None = None
+        self.base_weights_replaced = False  # merged weights were loaded: a kept engine reloads the model's own
 
     def reset_in_place(self, **arguments) -> None:
         """Become `RolloutWorker(**arguments)` in this process (cluster/warm_actors.py). A vLLM engine built from
         the same arguments and model files is kept with its adapters dropped (starting one is the expensive
         part); the engine's own seed and threads may differ, and no sample depends on the seed: every request
-        carries its prompt's seed. Otherwise the engine is built again in this process, which saves importing
+        carries its prompt's seed; if merged weights replaced some of its weights, the model's own are reloaded
+        from its files. Otherwise the engine is built again in this process, which saves importing
         vLLM again (on CPU; on a GPU the rollout pool only hands a worker on to runs of the same engine,
         `RolloutPool.reuse_key`). A transformers engine is always loaded again."""
         from raylign.actors.engines import VLLMEngine
@@ -81,6 +83,9 @@ class RolloutWorker:
         if isinstance(self.engine, VLLMEngine) and engine_identity(bound.arguments) == self.engine_identity:
             torch_threads(bound.arguments["threads"])
             self.engine.drop_adapters()
+            if self.base_weights_replaced:
+                self.engine.restore_base_weights()
+                self.base_weights_replaced = False
             self.policy_version = None
             return
         engine = self.engine
@@ -96,7 +101,7 @@ class RolloutWorker:
         None in a fresh process (so the pool sees that Ray restarted this actor since its last publish)."""
         if isinstance(update, MergedWeightsUpdate):
             self.engine.load_merged_weights(update)
-            self.engine_identity = None  # its weights are no longer the model's: never kept for another run
+            self.base_weights_replaced = True
         else:
             self.engine.load_adapter(update)
         previous, self.policy_version = self.policy_version, update.version

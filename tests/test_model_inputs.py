@@ -199,7 +199,7 @@ def test_cli_gpt2_twin_on_vllm_with_explicit_lora_exits_2_with_one_message():
     )
     assert result.returncode == 2
     assert "rollout.backend = 'vllm' with rollout.weight_sync = 'lora'" in result.stderr
-    assert "no LoRA support for GPT2LMHeadModel; set rollout.backend=hf" in result.stderr
+    assert "no LoRA support for GPT2LMHeadModel; set rollout.weight_sync=merged" in result.stderr
     assert "Traceback" not in result.stderr
 
 

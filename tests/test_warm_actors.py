@@ -120,6 +120,36 @@ def test_a_reset_vllm_worker_keeps_its_engine_for_the_same_model_and_builds_a_fr
     assert rebuilt == sample(RolloutWorker("vllm", qwen, max_model_len=64), qwen)
 
 
+@pytest.mark.slow
+def test_a_reset_vllm_worker_that_loaded_merged_weights_keeps_its_engine_with_the_models_own_weights(twin_dirs):
+    """Merged weights overwrite a vLLM engine's weights in place; a reset for another run on the same model keeps
+    the engine and reloads the model's own weights from its files: the base model samples as before."""
+    from raylign.actors.rollout_worker import RolloutWorker
+    from raylign.common.lora import merged_lora_weights
+    from raylign.common.model_checks import load_tokenizer
+    from raylign.common.types import MergedWeightsUpdate, PromptItem, SamplingSettings
+    from tests.test_vllm_rollout import random_adapter
+
+    llama = twin_dirs["llama"]
+    ids = load_tokenizer(llama)("I watched this last night and the movie was")["input_ids"]
+    settings = SamplingSettings(samples_per_prompt=2, max_new_tokens=6, temperature=1.0)
+
+    def sample(worker):
+        return [(s.completion_ids, s.behaviour_logprobs) for s in worker.generate([PromptItem(0, "", ids, seed=3)], settings)]
+
+    arguments = {"backend": "vllm", "model_path": llama, "max_model_len": 64, "weight_sync": "merged"}
+    worker = RolloutWorker(**arguments)
+    worker.use_base_model()
+    base = sample(worker)
+    worker.load_update(MergedWeightsUpdate(version=1, weights=merged_lora_weights(random_adapter(llama, seed=1))))
+    assert sample(worker) != base
+    engine = worker.engine
+    worker.reset_in_place(**arguments)
+    assert worker.engine is engine and not worker.base_weights_replaced
+    worker.use_base_model()
+    assert sample(worker) == base
+
+
 @pytest.mark.parametrize("num_gpus, asked, eager", [(0, None, True), (1, None, False), (1, True, True), (0, False, False)])
 def test_vllm_runs_eagerly_on_cpu_and_captures_cuda_graphs_on_a_gpu_unless_told_and_it_names_the_engine(
         num_gpus, asked, eager):
