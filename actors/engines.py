@@ -8,6 +8,7 @@ recompute the same numbers.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -17,7 +18,7 @@ from typing import Protocol
 import torch
 
 from raylign.common.engine_support import VllmSupport, plan_engine, query_vllm_registry
-from raylign.common.lora import LiveAdapter, adapter_lora_config, adapter_state_dict, load_merged_weights, write_adapter
+from raylign.common.lora import LiveAdapter, adapter_lora_config, adapter_state_dict, merged_weights_as_tensors, write_adapter
 from raylign.common.model_checks import load_tokenizer, model_architecture
 from raylign.common.precision import DTYPES, attention_kernel, mixed_precision
 from raylign.common.prompt_completion import pad_token_id
@@ -33,7 +34,10 @@ class RolloutEngine(Protocol):
         """Make `update` the adapter every following `generate` samples with."""
 
     def load_merged_weights(self, update: MergedWeightsUpdate) -> None:
-        """Overwrite the base weights of the adapted layers with merged weights."""
+        """Overwrite the weights `update` names (the adapted layers and the linear layers beside them)."""
+
+    def restore_base_weights(self) -> None:
+        """Every weight back from the model's files, after merged weights replaced some."""
 
 
 class HFEngine:
@@ -48,7 +52,7 @@ class HFEngine:
                  attn_implementation: str = "auto"):
         from transformers import AutoModelForCausalLM
 
-        self.device = torch.device(device)
+        self.device, self.model_path = torch.device(device), model_path
         self.tokenizer = load_tokenizer(model_path)
         attention = attention_kernel(attn_implementation, dtype, self.device)  # the learner's (model.attn_implementation)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype], attn_implementation=attention)
@@ -66,13 +70,20 @@ class HFEngine:
 
     @torch.no_grad()
     def load_merged_weights(self, update: MergedWeightsUpdate) -> None:
-        weights = load_merged_weights(update.weights)
+        weights = merged_weights_as_tensors(update.weights)
         parameters = dict(self.model.named_parameters())
         missing = [name for name in weights if name not in parameters]
         if missing:
             raise RuntimeError(f"merged weights version {update.version} name parameters the rollout model lacks: {missing[:3]}")
         for name, tensor in weights.items():
             parameters[name].copy_(tensor)
+
+    @torch.no_grad()
+    def restore_base_weights(self) -> None:
+        from transformers import AutoModelForCausalLM
+
+        files = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.model.dtype).state_dict()
+        self.model.load_state_dict(files)
 
     def generate(self, prompts: list[PromptItem], settings: SamplingSettings) -> list[list[Completion]]:
         per_batch = max(1, self.max_batch_rows // settings.samples_per_prompt)
@@ -200,17 +211,14 @@ class VLLMEngine:
         form, loads them through the model's own `load_weights` (its name mapping, fusing and transposes), and
         runs their post-load processing again, which on vLLM-CPU repacks the weights for its GEMM kernels.
         Layers the update does not name keep their weights."""
-        self._reload(list(load_merged_weights(update.weights).items()))
+        self._reload(list(merged_weights_as_tensors(update.weights).items()))
 
     def restore_base_weights(self) -> None:
-        """Every weight back from the model's files (after merged weights replaced some), for another run."""
-        self._reload(None)
+        self._reload(None)  # None: vLLM reads every weight from the model's files
 
     def _reload(self, weights: list[tuple[str, torch.Tensor]] | None) -> None:
-        import logging
-
         # The reload warns once per layer it was not given (embeddings, norms, the head): by design here. A
-        # layer that failed to load shows instead in the sync guard's logprob gap, which the learner checks.
+        # layer that failed to load shows instead in the logprob gap, which the driver's sync guard checks.
         quiet = [logging.getLogger(f"vllm.model_executor.model_loader.reload.{name}") for name in ("layerwise", "inplace")]
         levels = [logger.level for logger in quiet]
         for logger in quiet:

@@ -66,7 +66,8 @@ class RolloutWorker:
         else:
             raise ValueError(f"rollout.backend = '{backend}' is not supported; use 'vllm' or 'hf'")
         self.policy_version: int | None = None
-        self.base_weights_replaced = False  # merged weights were loaded: a kept engine reloads the model's own
+        # What the last merged weights named: the engine's weights there are not the model's own.
+        self.merged_names: set[str] = set()
 
     def reset_in_place(self, **arguments) -> None:
         """Become `RolloutWorker(**arguments)` in this process (cluster/warm_actors.py). A vLLM engine built from
@@ -83,9 +84,9 @@ class RolloutWorker:
         if isinstance(self.engine, VLLMEngine) and engine_identity(bound.arguments) == self.engine_identity:
             torch_threads(bound.arguments["threads"])
             self.engine.drop_adapters()
-            if self.base_weights_replaced:
+            if self.merged_names:
                 self.engine.restore_base_weights()
-                self.base_weights_replaced = False
+                self.merged_names = set()
             self.policy_version = None
             return
         engine = self.engine
@@ -100,8 +101,13 @@ class RolloutWorker:
         """Install a published policy version (adapter or merged weights); returns the version held before,
         None in a fresh process (so the pool sees that Ray restarted this actor since its last publish)."""
         if isinstance(update, MergedWeightsUpdate):
+            names = set(update.weights)
+            if not self.merged_names <= names:
+                # An earlier update merged layers this one does not name (another adapter's layout, as when an
+                # evaluation scores several models on one engine): they go back to the model's own first.
+                self.engine.restore_base_weights()
             self.engine.load_merged_weights(update)
-            self.base_weights_replaced = True
+            self.merged_names = names
         else:
             self.engine.load_adapter(update)
         previous, self.policy_version = self.policy_version, update.version

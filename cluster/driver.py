@@ -7,6 +7,7 @@ reads like the algorithm.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 import time
@@ -450,7 +451,8 @@ def measure_gradient_variance(config: RunConfig, learner, rollouts: RolloutPool,
 def check_sync(learner_metrics: dict, tolerance: float, step: int) -> None:
     """Stop when behaviour logprobs disagree with the learner's on the same tokens."""
     gap = learner_metrics["rollout/logprob_gap"]
-    if gap > tolerance:
+    # NaN compares false with everything: an engine left with uninitialised weights must not pass.
+    if not math.isfinite(gap) or gap > tolerance:
         raise SyncError(
             f"step {step}: mean |behaviour - learner| logprob gap is {gap:.3g} (> rollout.sync_tolerance = {tolerance:g}). "
             "The rollout actors are not sampling from the adapter the learner published (a silent weight-sync failure), "

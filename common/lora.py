@@ -1,7 +1,7 @@
-"""LoRA adapter (de)serialisation in PEFT's own file format.
+"""LoRA adapter (de)serialisation in PEFT's own file format, and merged weights.
 
-The bytes are exactly what `PeftModel.save_pretrained` writes, so vLLM's
-`LoRARequest` and PEFT's loaders both read them unchanged.
+The adapter's bytes are exactly what `PeftModel.save_pretrained` writes, so
+vLLM's `LoRARequest` and PEFT's loaders both read them unchanged.
 """
 
 from __future__ import annotations
@@ -91,11 +91,14 @@ def merged_lora_weights(peft_model) -> dict[str, np.ndarray]:
     NumPy arrays rather than a safetensors payload: Ray writes them to the object store once and every rollout
     actor reads them there without a copy. For the 86M benchmark model (340 MB) safetensors' save took 0.6-1.4 s
     and Ray's transfer of the bytes or of torch tensors another 0.5-2 s; the arrays, 0.3 s.
+
+    An adapter that W + B A does not describe is refused (ValueError): see `_refuse_unmergeable`.
     """
     from peft.tuners.lora import LoraLayer
 
     prefix = "base_model.model."
     modules = dict(peft_model.named_modules())
+    _refuse_unmergeable(peft_model, modules)
     adapted_parents = {name.rpartition(".")[0] for name, module in modules.items()
                        if isinstance(module, LoraLayer) and "default" in module.lora_A}
     merged = {}
@@ -105,15 +108,38 @@ def merged_lora_weights(peft_model) -> dict[str, np.ndarray]:
                 name = f"{parent}.{child_name}".removeprefix(prefix)
                 if isinstance(child, LoraLayer) and "default" in child.lora_A:
                     base = child.get_base_layer()
-                    weight = base.weight + child.get_delta_weight("default")
+                    merged[f"{name}.weight"] = _float32_array(base.weight + child.get_delta_weight("default"))
                 elif _is_linear(child):
-                    base, weight = child, child.weight
+                    base = child
+                    merged[f"{name}.weight"] = _float32_array(child.weight, copy=True)
                 else:
                     continue
-                merged[f"{name}.weight"] = _float32_array(weight)
                 if getattr(base, "bias", None) is not None:
-                    merged[f"{name}.bias"] = _float32_array(base.bias)
+                    merged[f"{name}.bias"] = _float32_array(base.bias, copy=True)
     return merged
+
+
+def _refuse_unmergeable(peft_model, modules: dict) -> None:
+    """Merged weights carry W + scale * B A for linear layers and nothing else: refuse, naming the layer, an
+    adapter whose effect is more (DoRA's magnitudes, LoRA biases, trained copies of whole modules), lives
+    elsewhere (embeddings), or would reach the input embeddings through a tied head."""
+    from peft.tuners.lora import LoraLayer
+
+    fix = "use rollout.weight_sync=lora (vLLM with LoRA, where it has LoRA for the model) or rollout.backend=hf"
+    embedding = peft_model.get_input_embeddings().weight
+    for name, module in modules.items():
+        if type(module).__name__ == "ModulesToSaveWrapper":
+            raise ValueError(f"merged weights: {name} is trained whole (LoRA modules_to_save), which merged weights "
+                             f"do not carry; {fix}")
+        if not isinstance(module, LoraLayer):
+            continue
+        what = ("a LoRA on an embedding" if "default" in getattr(module, "lora_embedding_A", {}) else
+                "DoRA" if getattr(module, "use_dora", {}).get("default") else
+                "a LoRA bias (lora_bias)" if getattr(module, "lora_bias", {}).get("default") else
+                "a LoRA on the output head tied to the input embeddings"
+                if "default" in module.lora_A and module.get_base_layer().weight is embedding else None)
+        if what:
+            raise ValueError(f"merged weights: {name} has {what}, which merged weights do not carry; {fix}")
 
 
 def _is_linear(module) -> bool:
@@ -123,12 +149,13 @@ def _is_linear(module) -> bool:
     return isinstance(module, (torch.nn.Linear, Conv1D))
 
 
-def _float32_array(tensor: torch.Tensor) -> np.ndarray:
-    # A copy, so that the update never aliases a live parameter.
-    return tensor.detach().to("cpu", torch.float32, copy=True).contiguous().numpy()
+def _float32_array(tensor: torch.Tensor, copy: bool = False) -> np.ndarray:
+    """`copy` for a live parameter: an update used in-process (the transformers engine, tests) must not change
+    when the model does. (Through Ray it is copied into the object store anyway.)"""
+    return tensor.detach().to("cpu", torch.float32, copy=copy).contiguous().numpy()
 
 
-def load_merged_weights(weights: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+def merged_weights_as_tensors(weights: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """The arrays as tensors, sharing their memory. Arrays read from Ray's object store are read-only, which torch
     warns about; the engines only copy from them."""
     with warnings.catch_warnings():

@@ -48,7 +48,7 @@ class SequenceScorer:
     def load_policy(self, base: str, adapter: str | None, weight_sync: str, version: int,
                     zero_like: str | None = None) -> AdapterUpdate | MergedWeightsUpdate | None:
         """Load the model to score next; returns what the rollout engines need to sample from it (its adapter,
-        or the merged weights of the adapted layers), or None for a model without an adapter.
+        or the merged weights of the adapted layers and those beside them), or None for a model without an adapter.
 
         `zero_like` (a model without an adapter only): an adapter directory whose shape to copy with B = 0, so
         engines already holding adapters of that shape sample the base model exactly (B @ A x adds exact zeros).

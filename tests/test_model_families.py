@@ -1,6 +1,7 @@
 """Every tiny family twin end to end through Ray: GRPO on the transformers engine and on vLLM (with LoRA where
-the installed vLLM has LoRA for the architecture, with merged weights for GPT-2); the other policy-gradient methods on the quirkiest twins (GPT-2: no
-pad token, eos = bos, no BOS; Gemma: BOS, a chat template that refuses a system turn)."""
+the installed vLLM has LoRA for the architecture, with merged weights for GPT-2); the other policy-gradient
+methods on the quirkiest twins (GPT-2: no pad token, eos = bos, no BOS; Gemma: BOS, a chat template that
+refuses a system turn)."""
 
 import importlib.util
 import json

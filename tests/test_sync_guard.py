@@ -147,6 +147,7 @@ def test_the_live_adapter_publishes_and_loads_exactly_what_peft_does(tiny_model_
 @pytest.mark.parametrize("family, adapted, siblings", [
     ("llama", ["q_proj", "v_proj"], ["k_proj", "o_proj"]),  # vLLM fuses q/k/v: k must reach the reload too
     ("gpt2", ["c_attn"], ["c_proj"]),  # Conv1D layers with biases
+    ("qwen2", ["q_proj", "v_proj"], ["k_proj", "o_proj"]),  # q/k/v biases inside the fused layer
 ])
 def test_merged_weights_name_every_linear_layer_beside_an_adapted_one(twin_dirs, family, adapted, siblings):
     """`merged_lora_weights`: W + delta for an adapted layer, W as it is for an unadapted linear layer under the
@@ -154,7 +155,7 @@ def test_merged_weights_name_every_linear_layer_beside_an_adapted_one(twin_dirs,
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from raylign.common.lora import load_merged_weights, merged_lora_weights
+    from raylign.common.lora import merged_lora_weights, merged_weights_as_tensors
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(twin_dirs[family])
@@ -163,9 +164,9 @@ def test_merged_weights_name_every_linear_layer_beside_an_adapted_one(twin_dirs,
     for name, parameter in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.1)
-    weights = load_merged_weights(merged_lora_weights(model))
+    weights = merged_weights_as_tensors(merged_lora_weights(model))
     assert all(tensor.dtype == torch.float32 for tensor in weights.values())
-    attention = "model.layers.0.self_attn" if family == "llama" else "transformer.h.0.attn"
+    attention = "transformer.h.0.attn" if family == "gpt2" else "model.layers.0.self_attn"
     expected = {f"{attention}.{layer}.{kind}" for layer in adapted + siblings for kind in ("weight", "bias")
                 if f"{attention}.{layer}.{kind}" in base_state}
     assert {name for name in weights if name.startswith(f"{attention}.")} == expected
@@ -177,5 +178,50 @@ def test_merged_weights_name_every_linear_layer_beside_an_adapted_one(twin_dirs,
         delta = module.get_delta_weight("default")
         assert delta.abs().max() > 0
         torch.testing.assert_close(weights[f"{attention}.{layer}.weight"], base_state[f"{attention}.{layer}.weight"] + delta)
-    if family == "gpt2":
-        assert torch.equal(weights[f"{attention}.c_attn.bias"], base_state[f"{attention}.c_attn.bias"])
+    biased = {"gpt2": "c_attn", "qwen2": "k_proj"}.get(family)
+    if biased:
+        assert torch.equal(weights[f"{attention}.{biased}.bias"], base_state[f"{attention}.{biased}.bias"])
+
+
+@pytest.mark.parametrize("family, lora, refused", [
+    ("llama", {"target_modules": ["q_proj"], "use_dora": True}, "has DoRA"),
+    ("llama", {"target_modules": ["q_proj"], "lora_bias": True}, "has a LoRA bias"),
+    ("llama", {"target_modules": ["embed_tokens"]}, "has a LoRA on an embedding"),
+    ("llama", {"target_modules": ["q_proj"], "modules_to_save": ["v_proj"]}, "is trained whole"),
+    ("gpt2", {"target_modules": ["lm_head"]}, "output head tied to the input embeddings"),
+])
+def test_merged_weights_refuse_an_adapter_that_w_plus_ba_does_not_describe(twin_dirs, family, lora, refused):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from raylign.common.lora import merged_lora_weights
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(twin_dirs[family]), LoraConfig(r=4, **lora))
+    with pytest.raises(ValueError, match=rf"merged weights: .*{refused}.*rollout.weight_sync=lora"):
+        merged_lora_weights(model)
+
+
+def test_a_nan_logprob_gap_fails_the_sync_guard():
+    """NaN compares false with any tolerance: an engine left with uninitialised weights must still stop the run."""
+    with pytest.raises(SyncError, match="gap is nan"):
+        check_sync({"rollout/logprob_gap": float("nan")}, tolerance=1e-4, step=0)
+
+
+def test_merged_weights_naming_fewer_layers_than_the_last_leave_no_layer_of_the_last_merged(twin_dirs):
+    """An all-linear version, then one on q_proj/v_proj only: the worker restores the model's own weights first,
+    so the engine holds exactly the second adapter merged (the transformers engine here; vLLM in
+    tests/test_vllm_rollout.py)."""
+    from raylign.actors.rollout_worker import RolloutWorker
+    from raylign.common.lora import merged_lora_weights
+    from raylign.common.types import MergedWeightsUpdate
+    from tests.test_vllm_rollout import random_adapter
+
+    llama = twin_dirs["llama"]
+    worker = RolloutWorker("hf", llama, weight_sync="merged")
+    for version, model in enumerate([random_adapter(llama, seed=2), random_adapter(llama, seed=1, target_modules=["q_proj", "v_proj"])]):
+        worker.load_update(MergedWeightsUpdate(version=version, weights=merged_lora_weights(model)))
+    expected = model.merge_and_unload().state_dict()
+    engine = worker.engine.model.state_dict()
+    assert engine.keys() == expected.keys()
+    for name, tensor in engine.items():
+        torch.testing.assert_close(tensor, expected[name], atol=1e-6, rtol=0, msg=name)

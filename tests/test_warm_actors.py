@@ -145,7 +145,7 @@ def test_a_reset_vllm_worker_that_loaded_merged_weights_keeps_its_engine_with_th
     assert sample(worker) != base
     engine = worker.engine
     worker.reset_in_place(**arguments)
-    assert worker.engine is engine and not worker.base_weights_replaced
+    assert worker.engine is engine and not worker.merged_names
     worker.use_base_model()
     assert sample(worker) == base
 
