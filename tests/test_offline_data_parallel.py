@@ -81,8 +81,11 @@ def assert_same_training(one: list, two: list) -> None:
             assert row.keys() == expected.keys()
             for key, value in expected.items():
                 assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-5), (row["step"], key)
+        # Per tensor by relative norm, as in tests/test_data_parallel.py: AdamW moves an element whose gradient is
+        # ~0 by a share of lr that the gradient's float rounding decides (on the fc-v1272 host one Bradley-Terry
+        # element of 32768 ended 1.7e-5 apart). The gradients themselves are checked through the history above.
         for name, value in one_weights.items():
-            torch.testing.assert_close(weights[name], value, atol=1e-5, rtol=1e-4)
+            assert float((weights[name] - value).norm() / value.norm().clamp(min=1e-12)) < 1e-3, name
             assert torch.equal(weights[name], two[0][1][name])  # every rank took the same step
 
 

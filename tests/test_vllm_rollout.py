@@ -84,14 +84,17 @@ def test_merged_weights_reload_in_place_on_vllm_cpu_and_match_the_peft_model(war
 
     config = load_config("configs/quickstart.yaml", [f"model.path={warm_model_dir}", "rollout.weight_sync=merged"])
     rollout = RolloutPool(config, warm_model_dir)
-    assert (rollout.plan.backend, rollout.plan.weight_sync) == ("vllm", "merged")
-    items = prompts(AutoTokenizer.from_pretrained(warm_model_dir))
-    for version, model in enumerate([random_adapter(warm_model_dir, seed=2),
-                                     random_adapter(warm_model_dir, seed=1, target_modules=["q_proj", "v_proj"])]):
-        rollout.publish(ray.put(MergedWeightsUpdate(version=version, weights=merged_lora_weights(model))))
-        samples = rollout.generate(items)
-        assert {s.policy_version for s in samples} == {version}
-        assert_logprobs_agree(samples, model)
+    try:
+        assert (rollout.plan.backend, rollout.plan.weight_sync) == ("vllm", "merged")
+        items = prompts(AutoTokenizer.from_pretrained(warm_model_dir))
+        for version, model in enumerate([random_adapter(warm_model_dir, seed=2),
+                                         random_adapter(warm_model_dir, seed=1, target_modules=["q_proj", "v_proj"])]):
+            rollout.publish(ray.put(MergedWeightsUpdate(version=version, weights=merged_lora_weights(model))))
+            samples = rollout.generate(items)
+            assert {s.policy_version for s in samples} == {version}
+            assert_logprobs_agree(samples, model)
+    finally:
+        rollout.release()  # its placement group would otherwise hold its CPUs for the rest of the session
 
 
 def test_successive_publishes_change_the_rollout_distribution(pool):
