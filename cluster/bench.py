@@ -122,13 +122,14 @@ def bench_main(argv: list[str]) -> int:
     staleness.add_argument("--steps", type=int, default=100, help="training steps per run")
     staleness.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds to run at each staleness")
     staleness.add_argument("--placement", choices=["colocate", "split"], default="colocate", help="cluster.placement")
+    staleness.add_argument("overrides", nargs="*", help="config overrides for every run, section.field=value")
     args = parser.parse_args(argv)
     # The JSON is written after minutes of runs (and partially after each): its folder must exist first.
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     if args.benchmark == "staleness":
         from raylign.cluster.bench_staleness import bench_staleness
 
-        result = bench_staleness(args.steps, args.seeds, args.placement, args.out)
+        result = bench_staleness(args.steps, args.seeds, args.placement, args.out, args.overrides)
         print(json.dumps({level: {k: v for k, v in entry.items() if k != "runs"} for level, entry in result["levels"].items()}, indent=2))
         return 0
     if args.benchmark == "train":

@@ -21,14 +21,14 @@ from raylign.common.config import load_config
 IMPORTANCE_SAMPLING_CAP = 2.0
 
 
-def run_once(staleness: int, seed: int, steps: int, placement: str, workdir: Path) -> dict:
+def run_once(staleness: int, seed: int, steps: int, placement: str, workdir: Path, overrides: list[str]) -> dict:
     from raylign.cluster.driver import train
 
     output_dir = workdir / f"staleness_{staleness}" / f"seed_{seed}"
     config = load_config("configs/quickstart.yaml", [
         f"rollout.max_staleness={staleness}", f"algorithm.importance_sampling_cap={IMPORTANCE_SAMPLING_CAP}",
         f"cluster.placement={placement}", f"seed={seed}", f"train.steps={steps}", "eval.every=0",
-        "eval.run_test=false", "logging.progress=false", f"output_dir={output_dir}",
+        "eval.run_test=false", "logging.progress=false", f"output_dir={output_dir}", *overrides,
     ])
     start = time.perf_counter()
     train(config)
@@ -71,17 +71,18 @@ def plot_curves(result: dict, path: Path, window: int = 10) -> None:
     plt.close(figure)
 
 
-def bench_staleness(steps: int, seeds: list[int], placement: str, out: str) -> dict:
+def bench_staleness(steps: int, seeds: list[int], placement: str, out: str, overrides: list[str] = ()) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="raylign-bench-staleness-"))
     result = {
         "benchmark": "staleness",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "workload": f"configs/quickstart.yaml, {steps} steps, evaluation off, importance_sampling_cap "
-                    f"{IMPORTANCE_SAMPLING_CAP} at both levels, cluster.placement {placement}",
+                    f"{IMPORTANCE_SAMPLING_CAP} at both levels, cluster.placement {placement}"
+                    + "".join(f", {override}" for override in overrides),
         "levels": {},
     }
     for staleness in (0, 1):
-        runs = [run_once(staleness, seed, steps, placement, workdir) for seed in seeds]
+        runs = [run_once(staleness, seed, steps, placement, workdir, list(overrides)) for seed in seeds]
         finals = [run["reward_last_10pct"] for run in runs]
         result["levels"][str(staleness)] = {
             "reward_last_10pct_mean": statistics.fmean(finals),
