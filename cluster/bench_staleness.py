@@ -21,7 +21,7 @@ from raylign.common.config import load_config
 IMPORTANCE_SAMPLING_CAP = 2.0
 
 
-def run_once(staleness: int, seed: int, steps: int, placement: str, workdir: Path, overrides: list[str]) -> dict:
+def run_once(staleness: int, seed: int, steps: int, placement: str, workdir: Path, overrides: tuple[str, ...]) -> dict:
     from raylign.cluster.driver import train
 
     output_dir = workdir / f"staleness_{staleness}" / f"seed_{seed}"
@@ -71,7 +71,7 @@ def plot_curves(result: dict, path: Path, window: int = 10) -> None:
     plt.close(figure)
 
 
-def bench_staleness(steps: int, seeds: list[int], placement: str, out: str, overrides: list[str] = ()) -> dict:
+def bench_staleness(steps: int, seeds: list[int], placement: str, out: str, overrides: tuple[str, ...] = ()) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="raylign-bench-staleness-"))
     result = {
         "benchmark": "staleness",
@@ -82,7 +82,7 @@ def bench_staleness(steps: int, seeds: list[int], placement: str, out: str, over
         "levels": {},
     }
     for staleness in (0, 1):
-        runs = [run_once(staleness, seed, steps, placement, workdir, list(overrides)) for seed in seeds]
+        runs = [run_once(staleness, seed, steps, placement, workdir, overrides) for seed in seeds]
         finals = [run["reward_last_10pct"] for run in runs]
         result["levels"][str(staleness)] = {
             "reward_last_10pct_mean": statistics.fmean(finals),

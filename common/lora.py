@@ -95,7 +95,9 @@ def merged_lora_weights(peft_model) -> dict[str, np.ndarray]:
     An adapter that W + B A does not describe is refused (ValueError): see `_refuse_unmergeable`.
     """
     from peft.tuners.lora import LoraLayer
+    from transformers.pytorch_utils import Conv1D
 
+    linear = (torch.nn.Linear, Conv1D)  # GPT-2's Conv1D: the same map with a transposed weight
     prefix = "base_model.model."
     modules = dict(peft_model.named_modules())
     _refuse_unmergeable(peft_model, modules)
@@ -109,7 +111,7 @@ def merged_lora_weights(peft_model) -> dict[str, np.ndarray]:
                 if isinstance(child, LoraLayer) and "default" in child.lora_A:
                     base = child.get_base_layer()
                     merged[f"{name}.weight"] = _float32_array(base.weight + child.get_delta_weight("default"))
-                elif _is_linear(child):
+                elif isinstance(child, linear):
                     base = child
                     merged[f"{name}.weight"] = _float32_array(child.weight, copy=True)
                 else:
@@ -140,13 +142,6 @@ def _refuse_unmergeable(peft_model, modules: dict) -> None:
                 if "default" in module.lora_A and module.get_base_layer().weight is embedding else None)
         if what:
             raise ValueError(f"merged weights: {name} has {what}, which merged weights do not carry; {fix}")
-
-
-def _is_linear(module) -> bool:
-    """A plain linear layer: torch's, or GPT-2's Conv1D (the same map with a transposed weight)."""
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(module, (torch.nn.Linear, Conv1D))
 
 
 def _float32_array(tensor: torch.Tensor, copy: bool = False) -> np.ndarray:
