@@ -18,12 +18,12 @@ from typing import Protocol
 import torch
 
 from raylign.common.engine_support import VllmSupport, plan_engine, query_vllm_registry
-from raylign.common.lora import LiveAdapter, adapter_lora_config, adapter_state_dict, merged_weights_as_tensors, write_adapter
+from raylign.common.lora import LiveAdapter, adapter_lora_config, adapter_state_dict, write_adapter
 from raylign.common.model_checks import load_tokenizer, model_architecture
 from raylign.common.precision import DTYPES, attention_kernel, mixed_precision
 from raylign.common.prompt_completion import pad_token_id
 from raylign.common.sampling import processed_logprobs
-from raylign.common.types import AdapterUpdate, Completion, MergedWeightsUpdate, PromptItem, SamplingSettings
+from raylign.common.types import AdapterUpdate, Completion, PromptItem, SamplingSettings
 
 
 class RolloutEngine(Protocol):
@@ -33,8 +33,9 @@ class RolloutEngine(Protocol):
     def load_adapter(self, update: AdapterUpdate) -> None:
         """Make `update` the adapter every following `generate` samples with."""
 
-    def load_merged_weights(self, update: MergedWeightsUpdate) -> None:
-        """Overwrite the weights `update` names (the adapted layers and the linear layers beside them)."""
+    def load_merged_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
+        """Overwrite the weights named (the adapted layers, merged, and the linear layers beside them) with
+        copies of them: policy `version`."""
 
     def restore_base_weights(self) -> None:
         """Every weight back from the model's files, after merged weights replaced some."""
@@ -69,12 +70,11 @@ class HFEngine:
         self.adapter.load(adapter_state_dict(update.files), update.version)
 
     @torch.no_grad()
-    def load_merged_weights(self, update: MergedWeightsUpdate) -> None:
-        weights = merged_weights_as_tensors(update.weights)
+    def load_merged_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
         parameters = dict(self.model.named_parameters())
         missing = [name for name in weights if name not in parameters]
         if missing:
-            raise RuntimeError(f"merged weights version {update.version} name parameters the rollout model lacks: {missing[:3]}")
+            raise RuntimeError(f"merged weights version {version} name parameters the rollout model lacks: {missing[:3]}")
         for name, tensor in weights.items():
             parameters[name].copy_(tensor)
 
@@ -206,12 +206,12 @@ class VLLMEngine:
         self.loaded = []
         self.llm.reset_prefix_cache()
 
-    def load_merged_weights(self, update: MergedWeightsUpdate) -> None:
+    def load_merged_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
         """vLLM's in-place reload (the worker's `reload_weights`): it puts the named layers back in checkpoint
         form, loads them through the model's own `load_weights` (its name mapping, fusing and transposes), and
         runs their post-load processing again, which on vLLM-CPU repacks the weights for its GEMM kernels.
         Layers the update does not name keep their weights."""
-        self._reload(list(merged_weights_as_tensors(update.weights).items()))
+        self._reload(list(weights.items()))
 
     def restore_base_weights(self) -> None:
         self._reload(None)  # None: vLLM reads every weight from the model's files

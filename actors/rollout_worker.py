@@ -7,7 +7,7 @@ import inspect
 import os
 from pathlib import Path
 
-from raylign.common.types import AdapterUpdate, MergedWeightsUpdate, PromptItem, Sample, SamplingSettings
+from raylign.common.types import AdapterUpdate, PromptItem, Sample, SamplingSettings
 
 
 class NoPolicyError(RuntimeError):
@@ -66,6 +66,13 @@ class RolloutWorker:
         else:
             raise ValueError(f"rollout.backend = '{backend}' is not supported; use 'vllm' or 'hf'")
         self.policy_version: int | None = None
+        # weight_sync 'merged': every published adapter is merged here, into this actor's copy of the base model.
+        self.merger = None
+        if weight_sync == "merged":
+            from raylign.common.lora import AdapterMerger
+            from raylign.common.precision import DTYPES
+
+            self.merger = AdapterMerger(model_path, DTYPES[dtype])
         # What the last merged weights named: the engine's weights there are not the model's own.
         self.merged_names: set[str] = set()
 
@@ -97,16 +104,18 @@ class RolloutWorker:
         gc.collect()
         RolloutWorker.__init__(self, **arguments)
 
-    def load_update(self, update: AdapterUpdate | MergedWeightsUpdate) -> int | None:
-        """Install a published policy version (adapter or merged weights); returns the version held before,
-        None in a fresh process (so the pool sees that Ray restarted this actor since its last publish)."""
-        if isinstance(update, MergedWeightsUpdate):
-            names = set(update.weights)
+    def load_update(self, update: AdapterUpdate) -> int | None:
+        """Install a published policy version: the adapter itself (weight_sync 'lora'), or the base weights with
+        the adapter merged in ('merged'); returns the version held before, None in a fresh process (so the pool
+        sees that Ray restarted this actor since its last publish)."""
+        if self.merger is not None:
+            weights = self.merger.merged_weights(update)
+            names = set(weights)
             if not self.merged_names <= names:
                 # An earlier update merged layers this one does not name (another adapter's layout, as when an
                 # evaluation scores several models on one engine): they go back to the model's own first.
                 self.engine.restore_base_weights()
-            self.engine.load_merged_weights(update)
+            self.engine.load_merged_weights(weights, update.version)
             self.merged_names = names
         else:
             self.engine.load_adapter(update)

@@ -339,7 +339,7 @@ def evaluate(config: EvaluateConfig, verbose: bool = False) -> dict:
                 for instance in members:
                     version += 1
                     update = ray.get(scorer.load_policy.remote(
-                        for_actors(instance.base), for_actors(instance.adapter), pool.plan.weight_sync, version,
+                        for_actors(instance.base), for_actors(instance.adapter), version,
                         for_actors(zero_like if instance.adapter is None else None)))
                     if update is None:
                         ray.get([worker.use_base_model.remote(version) for worker in pool.workers])

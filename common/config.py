@@ -153,8 +153,10 @@ class RolloutConfig(Section):
         None,
         description=(
             "How a new policy reaches the rollout actors: 'lora' loads the adapter under a new id per version "
-            "(small transfer, ~1.35x decode cost on GPU); 'merged' sends W + BA for the adapted layers (and the "
-            "linear layers beside them) and the engine runs without LoRA, reloading them in place each step. "
+            "(small transfer, ~1.35x decode cost on GPU); 'merged': each rollout actor merges the same adapter into "
+            "its own copy of the base model (W + BA for the adapted layers, reloaded with the linear layers beside "
+            "them in place each step) and the engine runs without LoRA; costs the model's size in host memory per "
+            "rollout actor. "
             "None: chosen at start-up from what the installed vLLM supports for the model's architecture (lora "
             "where it has LoRA for it, otherwise merged), logged and recorded in results.json as `rollout_engine`."
         ),

@@ -7,10 +7,8 @@ vLLM's `LoRARequest` and PEFT's loaders both read them unchanged.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -80,19 +78,16 @@ def adapter_lora_config(files: dict[str, bytes]):
     return LoraConfig.from_peft_type(**config) if hasattr(LoraConfig, "from_peft_type") else LoraConfig(**config)
 
 
-def merged_lora_weights(peft_model) -> dict[str, np.ndarray]:
-    """Float32 arrays, under base-model names, of every linear layer an engine must reload: each LoRA-adapted
-    one as W + delta, and the unadapted linear layers beside it (same parent module) as they are, biases included.
+def merged_lora_weights(peft_model) -> dict[str, torch.Tensor]:
+    """Every linear layer an engine must reload, under base-model names: each LoRA-adapted one as W + delta
+    (a new tensor), and the unadapted linear layers beside it (same parent module) as they are (the model's
+    own tensors: an engine copies them), biases included.
 
     vLLM fuses sibling layers (q/k/v into one qkv_proj, gate/up into gate_up_proj), and its in-place reload
     rebuilds a fused layer only from all of its parts: an adapter on q_proj and v_proj alone must still send
     k_proj, or the reloaded qkv_proj holds uninitialised memory where k was.
 
-    NumPy arrays rather than a safetensors payload: Ray writes them to the object store once and every rollout
-    actor reads them there without a copy. For the 86M benchmark model (340 MB) safetensors' save took 0.6-1.4 s
-    and Ray's transfer of the bytes or of torch tensors another 0.5-2 s; the arrays, 0.3 s.
-
-    An adapter that W + B A does not describe is refused (ValueError): see `_refuse_unmergeable`.
+    An adapter that W + B A does not describe is refused (ValueError): see `refuse_unmergeable`.
     """
     from peft.tuners.lora import LoraLayer
     from transformers.pytorch_utils import Conv1D
@@ -110,15 +105,49 @@ def merged_lora_weights(peft_model) -> dict[str, np.ndarray]:
                 name = f"{parent}.{child_name}".removeprefix(prefix)
                 if isinstance(child, LoraLayer) and "default" in child.lora_A:
                     base = child.get_base_layer()
-                    merged[f"{name}.weight"] = _float32_array(base.weight + child.get_delta_weight("default"))
+                    merged[f"{name}.weight"] = base.weight + child.get_delta_weight("default")
                 elif isinstance(child, linear):
                     base = child
-                    merged[f"{name}.weight"] = _float32_array(child.weight, copy=True)
+                    merged[f"{name}.weight"] = child.weight.detach()
                 else:
                     continue
                 if getattr(base, "bias", None) is not None:
-                    merged[f"{name}.bias"] = _float32_array(base.bias, copy=True)
+                    merged[f"{name}.bias"] = base.bias.detach()
     return merged
+
+
+def refuse_unmergeable(peft_model) -> None:
+    """Raise ValueError, naming the layer and the fix, if merged weights cannot carry `peft_model`'s adapter."""
+    _refuse_unmergeable(peft_model, dict(peft_model.named_modules()))
+
+
+class AdapterMerger:
+    """Merged weights made where they are used: a rollout actor with `rollout.weight_sync: merged` keeps its own
+    copy of the base model (on CPU, in the run's dtype) and merges every published adapter into it.
+
+    So a publish sends the adapter, a few MB, whatever the model's size and however many rollout actors there
+    are, and each actor merges in parallel with the others. (Merged on the learner, the 86M benchmark model's
+    weights were 340 MB through Ray's object store every step: 0.25-0.45 s to put, on top of the merge.)
+    The copy costs the model's size in host memory per rollout actor. An adapter of another layout (another
+    rank or other target modules, as in an evaluation of several models) gets a fresh base copy.
+    """
+
+    def __init__(self, model_path: str, dtype: torch.dtype):
+        self.model_path, self.dtype = model_path, dtype
+        self.model = self.adapter = self.layout = None
+
+    def merged_weights(self, update) -> dict[str, torch.Tensor]:
+        """`merged_lora_weights` of the base model with `update`'s adapter (an AdapterUpdate) in it."""
+        from peft import get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        layout = {key: value for key, value in json.loads(update.files[ADAPTER_CONFIG]).items() if key != "raylign_version"}
+        if layout != self.layout:
+            base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.dtype)
+            self.model = get_peft_model(base, adapter_lora_config(update.files)).eval()
+            self.adapter, self.layout = LiveAdapter(self.model), layout
+        self.adapter.load(adapter_state_dict(update.files), update.version)
+        return merged_lora_weights(self.model)
 
 
 def _refuse_unmergeable(peft_model, modules: dict) -> None:
@@ -142,17 +171,3 @@ def _refuse_unmergeable(peft_model, modules: dict) -> None:
                 if "default" in module.lora_A and module.get_base_layer().weight is embedding else None)
         if what:
             raise ValueError(f"merged weights: {name} has {what}, which merged weights do not carry; {fix}")
-
-
-def _float32_array(tensor: torch.Tensor, copy: bool = False) -> np.ndarray:
-    """`copy` for a live parameter: an update used in-process (the transformers engine, tests) must not change
-    when the model does. (Through Ray it is copied into the object store anyway.)"""
-    return tensor.detach().to("cpu", torch.float32, copy=copy).contiguous().numpy()
-
-
-def merged_weights_as_tensors(weights: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """The arrays as tensors, sharing their memory. Arrays read from Ray's object store are read-only, which torch
-    warns about; the engines only copy from them."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return {name: torch.from_numpy(array) for name, array in weights.items()}

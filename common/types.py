@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 
 
 @dataclass(frozen=True)
@@ -136,16 +135,3 @@ class RewardResult:
                 if key.startswith("time/"):
                     merged.stats[key] = max(merged.stats.get(key, 0.0), value)
         return merged
-
-
-@dataclass(frozen=True)
-class MergedWeightsUpdate:
-    """Base weights with the adapter merged in (W + scale * B @ A), for the layers LoRA touches, and the
-    unadapted linear layers beside them (`common.lora.merged_lora_weights`).
-
-    `weights`: float32 NumPy arrays keyed by the base model's parameter names (Ray hands arrays to every actor
-    from its object store without a copy).
-    """
-
-    version: int
-    weights: dict[str, np.ndarray]

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from raylign.common.config import AlgorithmConfig, ModelConfig, RolloutConfig, SftConfig, TrainConfig
-from raylign.common.lora import LiveAdapter, adapter_files, merged_lora_weights
+from raylign.common.lora import LiveAdapter, adapter_files, refuse_unmergeable
 from raylign.common.precision import DTYPES, attention_kernel, mixed_precision
-from raylign.common.types import AdapterUpdate, MergedWeightsUpdate, PromptItem, Sample
+from raylign.common.types import AdapterUpdate, PromptItem, Sample
 from raylign.common.prompt_completion import pad_token_id
 from raylign.common.storage import local_copy
 from raylign.learner import algorithms as alg
@@ -155,6 +155,8 @@ class LearnerWorker:
             self.reward_model = load_reward_model(algo.reward_model, "classifier").to(self.device)
         self.version = 0
         self.live_adapter = LiveAdapter(self.model)  # the policy adapter's tensors, read and set without PEFT's walk
+        if self.rollout.weight_sync == "merged":
+            refuse_unmergeable(self.model)  # before step 0, not at the rollout actors' first merge
         self.adapter_history: dict[int, dict[str, torch.Tensor]] = {}
         self._remember_adapter()
         return sum(p.numel() for p in self.trainable_parameters)
@@ -179,10 +181,9 @@ class LearnerWorker:
         finally:
             self.live_adapter.load(current, self.version)
 
-    def publish(self) -> AdapterUpdate | MergedWeightsUpdate:
-        """The current policy, versioned: the adapter in PEFT's file format, or merged weights."""
-        if self.rollout.weight_sync == "merged":
-            return MergedWeightsUpdate(version=self.version, weights=merged_lora_weights(self.model))
+    def publish(self) -> AdapterUpdate:
+        """The current policy, versioned: the adapter in PEFT's file format (with weight_sync 'merged' the rollout
+        actors merge it into their own copy of the base weights)."""
         return AdapterUpdate(version=self.version, files=adapter_files(self.model, self.version, self.live_adapter))
 
     @in_mixed_precision

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from raylign.common.lora import adapter_files, merged_lora_weights
+from raylign.common.lora import adapter_files
 from raylign.common.model_checks import load_tokenizer
 from raylign.common.precision import DTYPES
 from raylign.common.prompt_completion import pad_token_id
 from raylign.common.storage import local_copy
-from raylign.common.types import AdapterUpdate, MergedWeightsUpdate, Sample, SamplingSettings
+from raylign.common.types import AdapterUpdate, Sample, SamplingSettings
 from raylign.learner.batching import build_token_batch, score_tokens
 
 
@@ -45,10 +45,10 @@ class SequenceScorer:
             model = PeftModel.from_pretrained(model, local_copy(adapter))
         return model.eval(), adapter is not None
 
-    def load_policy(self, base: str, adapter: str | None, weight_sync: str, version: int,
-                    zero_like: str | None = None) -> AdapterUpdate | MergedWeightsUpdate | None:
-        """Load the model to score next; returns what the rollout engines need to sample from it (its adapter,
-        or the merged weights of the adapted layers and those beside them), or None for a model without an adapter.
+    def load_policy(self, base: str, adapter: str | None, version: int,
+                    zero_like: str | None = None) -> AdapterUpdate | None:
+        """Load the model to score next; returns what the rollout actors need to sample from it (its adapter, which
+        an actor with weight_sync 'merged' merges itself), or None for a model without an adapter.
 
         `zero_like` (a model without an adapter only): an adapter directory whose shape to copy with B = 0, so
         engines already holding adapters of that shape sample the base model exactly (B @ A x adds exact zeros).
@@ -68,9 +68,7 @@ class SequenceScorer:
             )
         if not has_adapter:
             return None
-        if weight_sync == "lora":
-            return AdapterUpdate(version=version, files=adapter_files(self.policy, version))
-        return MergedWeightsUpdate(version=version, weights=merged_lora_weights(self.policy))
+        return AdapterUpdate(version=version, files=adapter_files(self.policy, version))
 
     @torch.no_grad()
     def score(self, samples: list[Sample], settings: SamplingSettings) -> list[dict[str, list[float] | None]]:

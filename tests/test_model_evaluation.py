@@ -224,7 +224,7 @@ def test_scorer_scores_what_the_engine_sampled_and_a_model_has_no_kl_to_itself(t
                for prompt, completions in zip(prompts, HFEngine(model).generate(prompts, settings))
                for k, c in enumerate(completions)]
     scorer = SequenceScorer(reference=model)
-    assert scorer.load_policy(model, None, "lora", 1) is None
+    assert scorer.load_policy(model, None, 1) is None
     scored = scorer.score(samples, settings)
     metrics = evaluation_metrics([s.prompt for s in samples], ["a"] * 4, [len(s.completion_ids) for s in samples], [1.0] * 4,
                                  samples_per_prompt=2, policy_logprobs=[r["policy"] for r in scored],
@@ -243,7 +243,7 @@ def test_scorer_scores_what_the_engine_sampled_and_a_model_has_no_kl_to_itself(t
     from transformers import AutoModelForCausalLM
 
     get_peft_model(AutoModelForCausalLM.from_pretrained(model), LoraConfig(r=4, target_modules=["c_attn"])).save_pretrained(tmp_path)
-    update = scorer.load_policy(model, None, "lora", 2, zero_like=str(tmp_path))
+    update = scorer.load_policy(model, None, 2, zero_like=str(tmp_path))
     weights = load(update.files["adapter_model.safetensors"])
     assert update.version == 2 and any("lora_B" in name for name in weights)
     assert all(float(t.abs().max()) == 0.0 for name, t in weights.items() if "lora_B" in name)

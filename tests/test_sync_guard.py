@@ -155,7 +155,7 @@ def test_merged_weights_name_every_linear_layer_beside_an_adapted_one(twin_dirs,
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from raylign.common.lora import merged_lora_weights, merged_weights_as_tensors
+    from raylign.common.lora import merged_lora_weights
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(twin_dirs[family])
@@ -164,8 +164,7 @@ def test_merged_weights_name_every_linear_layer_beside_an_adapted_one(twin_dirs,
     for name, parameter in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.1)
-    weights = merged_weights_as_tensors(merged_lora_weights(model))
-    assert all(tensor.dtype == torch.float32 for tensor in weights.values())
+    weights = merged_lora_weights(model)
     attention = "transformer.h.0.attn" if family == "gpt2" else "model.layers.0.self_attn"
     expected = {f"{attention}.{layer}.{kind}" for layer in adapted + siblings for kind in ("weight", "bias")
                 if f"{attention}.{layer}.{kind}" in base_state}
@@ -212,14 +211,14 @@ def test_merged_weights_naming_fewer_layers_than_the_last_leave_no_layer_of_the_
     so the engine holds exactly the second adapter merged (the transformers engine here; vLLM in
     tests/test_vllm_rollout.py)."""
     from raylign.actors.rollout_worker import RolloutWorker
-    from raylign.common.lora import merged_lora_weights
-    from raylign.common.types import MergedWeightsUpdate
+    from raylign.common.lora import adapter_files
+    from raylign.common.types import AdapterUpdate
     from tests.test_vllm_rollout import random_adapter
 
     llama = twin_dirs["llama"]
     worker = RolloutWorker("hf", llama, weight_sync="merged")
     for version, model in enumerate([random_adapter(llama, seed=2), random_adapter(llama, seed=1, target_modules=["q_proj", "v_proj"])]):
-        worker.load_update(MergedWeightsUpdate(version=version, weights=merged_lora_weights(model)))
+        worker.load_update(AdapterUpdate(version=version, files=adapter_files(model, version)))
     expected = model.merge_and_unload().state_dict()
     engine = worker.engine.model.state_dict()
     assert engine.keys() == expected.keys()

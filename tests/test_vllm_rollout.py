@@ -10,8 +10,8 @@ import torch
 
 from raylign.cluster.rollout_pool import RolloutPool
 from raylign.common.config import load_config
-from raylign.common.lora import adapter_files, merged_lora_weights
-from raylign.common.types import AdapterUpdate, MergedWeightsUpdate, PromptItem
+from raylign.common.lora import adapter_files
+from raylign.common.types import AdapterUpdate, PromptItem
 from raylign.learner.batching import build_token_batch, score_tokens
 
 pytestmark = pytest.mark.slow
@@ -77,8 +77,9 @@ def assert_logprobs_agree(samples, model):
 
 
 def test_merged_weights_reload_in_place_on_vllm_cpu_and_match_the_peft_model(warm_model_dir, ray_session):
-    """vLLM-CPU repacks its linear weights at load; merged weights go through vLLM's in-place reload. An adapter on
-    q_proj and v_proj alone still reloads the fused qkv_proj whole (k_proj is sent as it is); after an all-linear
+    """vLLM-CPU repacks its linear weights at load; merged weights go through vLLM's in-place reload. The learner
+    publishes the adapter and the rollout actor merges it into its own copy of the base. An adapter on q_proj
+    and v_proj alone still reloads the fused qkv_proj whole (k_proj is sent as it is); after an all-linear
     version, it also leaves no MLP layer merged (the worker restores the model's own weights first)."""
     from transformers import AutoTokenizer
 
@@ -89,7 +90,7 @@ def test_merged_weights_reload_in_place_on_vllm_cpu_and_match_the_peft_model(war
         items = prompts(AutoTokenizer.from_pretrained(warm_model_dir))
         for version, model in enumerate([random_adapter(warm_model_dir, seed=2),
                                          random_adapter(warm_model_dir, seed=1, target_modules=["q_proj", "v_proj"])]):
-            rollout.publish(ray.put(MergedWeightsUpdate(version=version, weights=merged_lora_weights(model))))
+            publish(rollout, model, version)
             samples = rollout.generate(items)
             assert {s.policy_version for s in samples} == {version}
             assert_logprobs_agree(samples, model)

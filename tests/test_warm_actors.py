@@ -125,9 +125,9 @@ def test_a_reset_vllm_worker_that_loaded_merged_weights_keeps_its_engine_with_th
     """Merged weights overwrite a vLLM engine's weights in place; a reset for another run on the same model keeps
     the engine and reloads the model's own weights from its files: the base model samples as before."""
     from raylign.actors.rollout_worker import RolloutWorker
-    from raylign.common.lora import merged_lora_weights
+    from raylign.common.lora import adapter_files
     from raylign.common.model_checks import load_tokenizer
-    from raylign.common.types import MergedWeightsUpdate, PromptItem, SamplingSettings
+    from raylign.common.types import AdapterUpdate, PromptItem, SamplingSettings
     from tests.test_vllm_rollout import random_adapter
 
     llama = twin_dirs["llama"]
@@ -141,7 +141,7 @@ def test_a_reset_vllm_worker_that_loaded_merged_weights_keeps_its_engine_with_th
     worker = RolloutWorker(**arguments)
     worker.use_base_model()
     base = sample(worker)
-    worker.load_update(MergedWeightsUpdate(version=1, weights=merged_lora_weights(random_adapter(llama, seed=1))))
+    worker.load_update(AdapterUpdate(version=1, files=adapter_files(random_adapter(llama, seed=1), 1)))
     assert sample(worker) != base
     engine = worker.engine
     worker.reset_in_place(**arguments)
