@@ -26,6 +26,8 @@ MODES = {
     # name: overrides on top of the workload's
     "raylign_vllm": ["rollout.backend=vllm"],
     "raylign_hf": ["rollout.backend=hf"],
+    # The transformers engine without LoRA layers: each step's adapter merged into the rollout actor's base copy.
+    "raylign_hf_merged": ["rollout.backend=hf", "rollout.weight_sync=merged"],
     # vLLM without LoRA, the merged weights reloaded in place each step: no LoRA kernels in generation.
     "raylign_vllm_merged": ["rollout.backend=vllm", "rollout.weight_sync=merged"],
     "raylign_vllm_merged_staleness1_split": ["rollout.backend=vllm", "rollout.weight_sync=merged",
@@ -122,6 +124,7 @@ def run_trl(model_path: str, prompts: list[str], steps: int, max_new_tokens: int
         return {"skipped": "trl is not installed: pip install -e '.[bench]'"}
     spec = {"model_path": model_path, "prompts": prompts, "steps": steps, "max_new_tokens": max_new_tokens,
             "output_dir": str(workdir / "trl"), "dtype": dtype}
+    workdir.mkdir(parents=True, exist_ok=True)
     spec_file = workdir / "trl_spec.json"
     spec_file.write_text(json.dumps(spec))
     start = time.perf_counter()
@@ -157,14 +160,20 @@ def bench_train(steps: int, warmup_steps: int, workloads: list[str], modes: list
         if model_path is None:
             model_path = build_large_model(tiny, workdir / name)
         entry = {"model_path": model_path, "max_new_tokens": max_new_tokens, "modes": {}}
+        # TRL runs before and after raylign's modes, and the ratios use the mean of its two step times: a shared
+        # machine's speed drifts over a run of minutes (here by up to 20 %), and this way the drift does not
+        # favour whichever side ran in the faster minutes.
+        entry["modes"]["trl_grpo"] = run_trl(model_path, prompts, steps, max_new_tokens, warmup_steps,
+                                             workdir / name / "trl_before", dtype)
         for mode in modes:
             entry["modes"][mode] = run_raylign(mode, model_path, steps, max_new_tokens, warmup_steps,
                                                workdir / name, dtype)
-        entry["modes"]["trl_grpo"] = run_trl(model_path, prompts, steps, max_new_tokens, warmup_steps,
-                                             workdir / name, dtype)
-        trl_step = entry["modes"]["trl_grpo"].get("step_s")
-        if trl_step:
-            entry["speedup_vs_trl"] = {mode: trl_step / entry["modes"][mode]["step_s"] for mode in modes}
+        entry["modes"]["trl_grpo_after"] = run_trl(model_path, prompts, steps, max_new_tokens, warmup_steps,
+                                                   workdir / name / "trl_after", dtype)
+        trl_steps = [entry["modes"][key].get("step_s") for key in ("trl_grpo", "trl_grpo_after")]
+        if all(trl_steps):
+            entry["trl_step_s"] = statistics.fmean(trl_steps)
+            entry["speedup_vs_trl"] = {mode: entry["trl_step_s"] / entry["modes"][mode]["step_s"] for mode in modes}
         result["workloads"][name] = entry
         Path(out).write_text(json.dumps(result, indent=2))  # partial results survive a later failure
     return result

@@ -27,3 +27,28 @@ def test_bench_staleness_passes_config_overrides_to_every_run(tmp_path, monkeypa
     assert bench.bench_main(["staleness", "--out", str(tmp_path / "s.json"), "--placement", "split",
                              "rollout.weight_sync=merged"]) == 0
     assert seen == [("split", ["rollout.weight_sync=merged"])]
+
+
+def test_bench_train_runs_trl_before_and_after_raylign_and_divides_by_their_mean(tmp_path, monkeypatch):
+    """A shared machine's speed drifts over minutes: TRL's two runs bracket raylign's modes."""
+    from raylign.cluster import bench_train
+
+    order = []
+
+    def fake_trl(model_path, prompts, steps, max_new_tokens, warmup_steps, workdir, dtype):
+        order.append("trl")
+        return {"step_s": 1.0 if len(order) == 1 else 3.0}
+
+    def fake_raylign(mode, model_path, steps, max_new_tokens, warmup_steps, workdir, dtype):
+        order.append(mode)
+        return {"step_s": 0.5}
+
+    monkeypatch.setattr(bench_train, "run_trl", fake_trl)
+    monkeypatch.setattr(bench_train, "run_raylign", fake_raylign)
+    monkeypatch.setattr("raylign.common.tiny_model.resolve_builtin_model", lambda *args, **kwargs: "tiny")
+    monkeypatch.setattr("raylign.common.data.load_text_column", lambda *args, **kwargs: ["a prompt"] * 64)
+    result = bench_train.bench_train(2, 1, ["tiny"], ["raylign_hf", "raylign_hf_merged"], str(tmp_path / "t.json"))
+    assert order == ["trl", "raylign_hf", "raylign_hf_merged", "trl"]
+    tiny = result["workloads"]["tiny"]
+    assert tiny["trl_step_s"] == 2.0
+    assert tiny["speedup_vs_trl"] == {"raylign_hf": 4.0, "raylign_hf_merged": 4.0}
