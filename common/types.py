@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-
 @dataclass(frozen=True)
 class PromptItem:
     """One prompt to sample K completions for; `seed` makes its samples reproducible."""
