@@ -111,6 +111,8 @@ class LearnerWorker:
                             target_modules=lora.target_modules, task_type="CAUSAL_LM")
         torch.manual_seed(self.seed)
         self.model = get_peft_model(self.model, config)
+        if self.rollout.weight_sync == "merged":
+            refuse_unmergeable(self.model)  # before step 0, not at the rollout actors' first merge
         # RL runs without dropout: old, reference and current logprobs (the probability ratio, the
         # sync guard) must all come from the same deterministic function. lora.dropout applies to SFT/DPO.
         self.model.eval()
@@ -118,7 +120,7 @@ class LearnerWorker:
             # The critic gets its own LoRA adapter on the same frozen base (seed smollm2_orca); only
             # the policy adapter ("default") is ever published to the rollout actors.
             self.model.add_adapter(CRITIC_ADAPTER, config)
-        hidden_size = self.model.get_input_embeddings().embedding_dim
+        hidden_size = self.model.get_input_embeddings().weight.shape[-1]  # a LoRA-wrapped embedding has no embedding_dim
         # PPO's value head reads the last hidden state (zero init: V = 0 at the start).
         self.value_head = torch.nn.Linear(hidden_size, 1).to(self.device)
         torch.nn.init.zeros_(self.value_head.weight)
@@ -155,8 +157,6 @@ class LearnerWorker:
             self.reward_model = load_reward_model(algo.reward_model, "classifier").to(self.device)
         self.version = 0
         self.live_adapter = LiveAdapter(self.model)  # the policy adapter's tensors, read and set without PEFT's walk
-        if self.rollout.weight_sync == "merged":
-            refuse_unmergeable(self.model)  # before step 0, not at the rollout actors' first merge
         self.adapter_history: dict[int, dict[str, torch.Tensor]] = {}
         self._remember_adapter()
         return sum(p.numel() for p in self.trainable_parameters)

@@ -224,3 +224,14 @@ def test_merged_weights_naming_fewer_layers_than_the_last_leave_no_layer_of_the_
     assert engine.keys() == expected.keys()
     for name, tensor in engine.items():
         torch.testing.assert_close(tensor, expected[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_an_adapter_merged_weights_cannot_carry_is_refused_when_the_learner_attaches_it(tiny_model_dir):
+    """The rollout actors merge the published adapter; an adapter they could not merge stops the run before
+    step 0, in the learner, naming the layer and the fix (not at the actors' first merge)."""
+    config = load_config("configs/quickstart.yaml", [
+        f"model.path={tiny_model_dir}", "rollout.backend=hf", "rollout.weight_sync=merged",
+        "model.lora.target_modules=[q_proj,embed_tokens]"])
+    learner = LearnerWorker(tiny_model_dir, config.model, config.train, config.algorithm, config.rollout, seed=0)
+    with pytest.raises(ValueError, match=r"embed_tokens has a LoRA on an embedding.*rollout.weight_sync=lora"):
+        learner.attach_lora()
