@@ -160,17 +160,18 @@ def bench_train(steps: int, warmup_steps: int, workloads: list[str], modes: list
         if model_path is None:
             model_path = build_large_model(tiny, workdir / name)
         entry = {"model_path": model_path, "max_new_tokens": max_new_tokens, "modes": {}}
-        # TRL runs before and after raylign's modes, and the ratios use the mean of its two step times: a shared
+        # TRL runs before and after raylign's modes, and the ratios use the mean of its two step times (earlier
+        # JSON under benchmarks/ has one run, `trl_grpo`, made after raylign's modes): a shared
         # machine's speed drifts over a run of minutes (here by up to 20 %), and this way the drift does not
         # favour whichever side ran in the faster minutes.
-        entry["modes"]["trl_grpo"] = run_trl(model_path, prompts, steps, max_new_tokens, warmup_steps,
-                                             workdir / name / "trl_before", dtype)
+        entry["modes"]["trl_grpo_before"] = run_trl(model_path, prompts, steps, max_new_tokens, warmup_steps,
+                                                    workdir / name / "trl_before", dtype)
         for mode in modes:
             entry["modes"][mode] = run_raylign(mode, model_path, steps, max_new_tokens, warmup_steps,
                                                workdir / name, dtype)
         entry["modes"]["trl_grpo_after"] = run_trl(model_path, prompts, steps, max_new_tokens, warmup_steps,
                                                    workdir / name / "trl_after", dtype)
-        trl_steps = [entry["modes"][key].get("step_s") for key in ("trl_grpo", "trl_grpo_after")]
+        trl_steps = [entry["modes"][key].get("step_s") for key in ("trl_grpo_before", "trl_grpo_after")]
         if all(trl_steps):
             entry["trl_step_s"] = statistics.fmean(trl_steps)
             entry["speedup_vs_trl"] = {mode: entry["trl_step_s"] / entry["modes"][mode]["step_s"] for mode in modes}

@@ -79,8 +79,8 @@ def adapter_lora_config(files: dict[str, bytes]):
 
 
 def merged_lora_weights(peft_model) -> dict[str, torch.Tensor]:
-    """Every linear layer an engine must reload, under base-model names: each LoRA-adapted one as W + delta
-    (a new tensor), and the unadapted linear layers beside it (same parent module) as they are (the model's
+    """Every linear layer an engine must reload, under base-model names, in the base's dtype: each LoRA-adapted
+    one as W + delta (a new tensor), and the unadapted linear layers beside it (same parent module) as they are (the model's
     own tensors: an engine copies them), biases included.
 
     vLLM fuses sibling layers (q/k/v into one qkv_proj, gate/up into gate_up_proj), and its in-place reload
@@ -105,7 +105,9 @@ def merged_lora_weights(peft_model) -> dict[str, torch.Tensor]:
                 name = f"{parent}.{child_name}".removeprefix(prefix)
                 if isinstance(child, LoraLayer) and "default" in child.lora_A:
                     base = child.get_base_layer()
-                    merged[f"{name}.weight"] = base.weight + child.get_delta_weight("default")
+                    # In the base's dtype: the float32 sum rounded once, as the engine would (and half the memory
+                    # of a float32 copy of a bf16 model's layers).
+                    merged[f"{name}.weight"] = (base.weight + child.get_delta_weight("default")).to(base.weight.dtype)
                 elif isinstance(child, linear):
                     base = child
                     merged[f"{name}.weight"] = child.weight.detach()
@@ -123,14 +125,21 @@ def refuse_unmergeable(peft_model) -> None:
 
 class AdapterMerger:
     """Merged weights made where they are used: a rollout actor with `rollout.weight_sync: merged` keeps its own
-    copy of the base model (on CPU, in the run's dtype) and merges every published adapter into it.
+    copy of the base model (on CPU, in the run's dtype) and merges every published adapter into it, with the
+    actor's own threads (`rollout.threads`), between its generate calls.
 
     So a publish sends the adapter, a few MB, whatever the model's size and however many rollout actors there
     are, and each actor merges in parallel with the others. (Merged on the learner, the 86M benchmark model's
     weights were 340 MB through Ray's object store every step: 0.25-0.45 s to put, on top of the merge.)
-    The copy costs the model's size in host memory per rollout actor. An adapter of another layout (another
-    rank or other target modules, as in an evaluation of several models) gets a fresh base copy.
+    Host memory per rollout actor: the base copy, plus, while a version loads, the merged layers (up to the
+    model's linear weights once more). An adapter of another layout (another rank or other target modules,
+    as in an evaluation of several models) gets a fresh base copy.
     """
+
+    # Adapter-config fields that do not change the merged weights: two adapters that differ only in these
+    # share a base copy (adapters saved from another path or by another PEFT version).
+    NOT_LAYOUT = ("raylign_version", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
+                  "auto_mapping", "lora_dropout", "init_lora_weights")
 
     def __init__(self, model_path: str, dtype: torch.dtype):
         self.model_path, self.dtype = model_path, dtype
@@ -141,10 +150,14 @@ class AdapterMerger:
         from peft import get_peft_model
         from transformers import AutoModelForCausalLM
 
-        layout = {key: value for key, value in json.loads(update.files[ADAPTER_CONFIG]).items() if key != "raylign_version"}
+        config = json.loads(update.files[ADAPTER_CONFIG])
+        layout = {key: value for key, value in config.items() if key not in self.NOT_LAYOUT}
         if layout != self.layout:
+            self.model = self.adapter = None  # the old copy goes before the new one loads
             base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.dtype)
-            self.model = get_peft_model(base, adapter_lora_config(update.files)).eval()
+            lora = adapter_lora_config(update.files)
+            lora.init_lora_weights = True  # every LoRA tensor is loaded below; an init such as PiSSA would change W
+            self.model = get_peft_model(base, lora).eval()
             self.adapter, self.layout = LiveAdapter(self.model), layout
         self.adapter.load(adapter_state_dict(update.files), update.version)
         return merged_lora_weights(self.model)

@@ -235,3 +235,37 @@ def test_an_adapter_merged_weights_cannot_carry_is_refused_when_the_learner_atta
     learner = LearnerWorker(tiny_model_dir, config.model, config.train, config.algorithm, config.rollout, seed=0)
     with pytest.raises(ValueError, match=r"embed_tokens has a LoRA on an embedding.*rollout.weight_sync=lora"):
         learner.attach_lora()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_rollout_side_merge_equals_the_learners_model_merged_and_keeps_its_base_copy(twin_dirs, dtype):
+    """The merger's weights are the learner's W + delta (float32 adapters on a base of the run's dtype, as the
+    learner holds them), rounded once to the base's dtype; a later version of the same layout, or an adapter that
+    differs only in where it was saved from, reuses the merger's base copy instead of loading another."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from raylign.common.lora import AdapterMerger, LiveAdapter, adapter_files
+    from raylign.common.precision import DTYPES
+
+    llama = twin_dirs["llama"]
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama, dtype=DTYPES[dtype]),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    merger = AdapterMerger(llama, DTYPES[dtype])
+    for version in range(2):
+        generator = torch.Generator().manual_seed(version)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+        weights = merger.merged_weights(AdapterUpdate(version, adapter_files(model, version, LiveAdapter(model))))
+        if version == 0:
+            base_copy = merger.model
+        layer = model.base_model.model.model.layers[0].self_attn.q_proj
+        expected = (layer.get_base_layer().weight + layer.get_delta_weight("default")).to(DTYPES[dtype])
+        assert weights["model.layers.0.self_attn.q_proj.weight"].dtype == DTYPES[dtype]
+        assert torch.equal(weights["model.layers.0.self_attn.q_proj.weight"], expected)
+    assert merger.model is base_copy
+    model.peft_config["default"].base_model_name_or_path = "/another/copy/of/the/model"
+    merger.merged_weights(AdapterUpdate(2, adapter_files(model, 2)))
+    assert merger.model is base_copy

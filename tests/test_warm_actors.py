@@ -123,7 +123,8 @@ def test_a_reset_vllm_worker_keeps_its_engine_for_the_same_model_and_builds_a_fr
 @pytest.mark.slow
 def test_a_reset_vllm_worker_that_loaded_merged_weights_keeps_its_engine_with_the_models_own_weights(twin_dirs):
     """Merged weights overwrite a vLLM engine's weights in place; a reset for another run on the same model keeps
-    the engine and reloads the model's own weights from its files: the base model samples as before."""
+    the engine and reloads the model's own weights from its files: the base model samples as before, and the
+    kept merger merges the next run's adapter into the model's own weights."""
     from raylign.actors.rollout_worker import RolloutWorker
     from raylign.common.lora import adapter_files
     from raylign.common.model_checks import load_tokenizer
@@ -141,13 +142,19 @@ def test_a_reset_vllm_worker_that_loaded_merged_weights_keeps_its_engine_with_th
     worker = RolloutWorker(**arguments)
     worker.use_base_model()
     base = sample(worker)
-    worker.load_update(AdapterUpdate(version=1, files=adapter_files(random_adapter(llama, seed=1), 1)))
-    assert sample(worker) != base
+    adapter = AdapterUpdate(version=1, files=adapter_files(random_adapter(llama, seed=1), 1))
+    worker.load_update(adapter)
+    merged = sample(worker)
+    assert merged != base
     engine = worker.engine
     worker.reset_in_place(**arguments)
     assert worker.engine is engine and not worker.merged_names
     worker.use_base_model()
     assert sample(worker) == base
+    # The next run's adapter goes through the merger the worker kept (its base copy is still the model's own).
+    worker.reset_in_place(**arguments)
+    worker.load_update(adapter)
+    assert sample(worker) == merged
 
 
 @pytest.mark.parametrize("num_gpus, asked, eager", [(0, None, True), (1, None, False), (1, True, True), (0, False, False)])
