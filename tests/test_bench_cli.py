@@ -52,3 +52,20 @@ def test_bench_train_runs_trl_before_and_after_raylign_and_divides_by_their_mean
     tiny = result["workloads"]["tiny"]
     assert tiny["trl_step_s"] == 2.0
     assert tiny["speedup_vs_trl"] == {"raylign_hf": 4.0, "raylign_hf_merged": 4.0}
+
+
+def test_the_orchestration_overhead_is_the_median_of_each_steps_own_remainder():
+    """Phases of different steps do not add up: each step's remainder first, then the median."""
+    from raylign.cluster.bench_train import summarise_raylign
+
+    def step(total, generate, learner):
+        return {"time/step_s": total, "time/generate_s": generate, "time/reward_s": 0.0,
+                "time/learner_compute_s": learner, "time/learn_s": learner, "time/publish_s": 0.0,
+                "response_length_mean": 24, "rollout/logprob_gap": 1e-7, "reward_mean": 0.5, "rollout/staleness": 0}
+
+    # Medians: step 2.0, generate 0.6, learner 0.7, so a difference of medians would say 0.7 s; every step's own
+    # remainder is 0.1 s.
+    summary = summarise_raylign([step(1.0, 0.2, 0.7), step(2.0, 1.5, 0.4), step(3.0, 0.6, 2.3)], warmup_steps=0)
+    assert summary["step_s"] == 2.0
+    assert abs(summary["orchestration_overhead_s"] - 0.1) < 1e-12
+    assert abs(summary["orchestration_share"] - 0.05) < 1e-12
