@@ -80,8 +80,15 @@ def adapter_lora_config(files: dict[str, bytes]):
 
 def merged_lora_weights(peft_model) -> dict[str, torch.Tensor]:
     """Every linear layer an engine must reload, under base-model names, in the base's dtype: each LoRA-adapted
-    one as W + delta (a new tensor), and the unadapted linear layers beside it (same parent module) as they are (the model's
-    own tensors: an engine copies them), biases included.
+    one as W + delta (a new tensor), and the unadapted linear layers beside it (same parent module) as they are
+    (the model's own tensors: an engine copies them), biases included. See `layers_to_reload`."""
+    return merge_layers(layers_to_reload(peft_model))
+
+
+def layers_to_reload(peft_model) -> list[tuple[str, torch.nn.Module]]:
+    """(base-model name, module) of every linear layer merged weights must name: each LoRA-adapted one, and the
+    unadapted linear layers beside it (same parent module). They depend only on the adapter's layout, so a
+    holder of one PEFT model (`AdapterMerger`) finds them once, not at every publish.
 
     vLLM fuses sibling layers (q/k/v into one qkv_proj, gate/up into gate_up_proj), and its in-place reload
     rebuilds a fused layer only from all of its parts: an adapter on q_proj and v_proj alone must still send
@@ -89,38 +96,41 @@ def merged_lora_weights(peft_model) -> dict[str, torch.Tensor]:
 
     An adapter that W + B A does not describe is refused (ValueError): see `refuse_unmergeable`.
     """
-    from peft.tuners.lora import LoraLayer
     from transformers.pytorch_utils import Conv1D
 
+    refuse_unmergeable(peft_model)
     linear = (torch.nn.Linear, Conv1D)  # GPT-2's Conv1D: the same map with a transposed weight
     prefix = "base_model.model."
     modules = dict(peft_model.named_modules())
-    _refuse_unmergeable(peft_model, modules)
-    adapted_parents = {name.rpartition(".")[0] for name, module in modules.items()
-                       if isinstance(module, LoraLayer) and "default" in module.lora_A}
+    adapted_parents = {name.rpartition(".")[0] for name, module in modules.items() if _adapted(module)}
+    return [(f"{parent}.{child_name}".removeprefix(prefix), child)
+            for parent in sorted(adapted_parents) for child_name, child in modules[parent].named_children()
+            if _adapted(child) or isinstance(child, linear)]
+
+
+@torch.no_grad()
+def merge_layers(layers: list[tuple[str, torch.nn.Module]]) -> dict[str, torch.Tensor]:
+    """The weights (and biases) of `layers_to_reload`'s layers, each adapted one as W + delta."""
     merged = {}
-    with torch.no_grad():
-        for parent in sorted(adapted_parents):
-            for child_name, child in modules[parent].named_children():
-                name = f"{parent}.{child_name}".removeprefix(prefix)
-                if isinstance(child, LoraLayer) and "default" in child.lora_A:
-                    base = child.get_base_layer()
-                    # In the base's dtype: the float32 sum rounded once, as the engine would (and half the memory
-                    # of a float32 copy of a bf16 model's layers).
-                    merged[f"{name}.weight"] = (base.weight + child.get_delta_weight("default")).to(base.weight.dtype)
-                elif isinstance(child, linear):
-                    base = child
-                    merged[f"{name}.weight"] = child.weight.detach()
-                else:
-                    continue
-                if getattr(base, "bias", None) is not None:
-                    merged[f"{name}.bias"] = base.bias.detach()
+    for name, layer in layers:
+        if _adapted(layer):
+            base = layer.get_base_layer()
+            # In the base's dtype: the float32 sum rounded once, as the engine would (and half the memory of a
+            # float32 copy of a bf16 model's layers).
+            merged[f"{name}.weight"] = (base.weight + layer.get_delta_weight("default")).to(base.weight.dtype)
+        else:
+            base = layer
+            merged[f"{name}.weight"] = layer.weight.detach()
+        if getattr(base, "bias", None) is not None:
+            merged[f"{name}.bias"] = base.bias.detach()
     return merged
 
 
-def refuse_unmergeable(peft_model) -> None:
-    """Raise ValueError, naming the layer and the fix, if merged weights cannot carry `peft_model`'s adapter."""
-    _refuse_unmergeable(peft_model, dict(peft_model.named_modules()))
+def _adapted(module) -> bool:
+    """Whether `module` is a LoRA layer holding the policy adapter ('default')."""
+    from peft.tuners.lora import LoraLayer
+
+    return isinstance(module, LoraLayer) and "default" in module.lora_A
 
 
 class AdapterMerger:
@@ -143,7 +153,7 @@ class AdapterMerger:
 
     def __init__(self, model_path: str, dtype: torch.dtype):
         self.model_path, self.dtype = model_path, dtype
-        self.model = self.adapter = self.layout = None
+        self.model = self.adapter = self.layout = self.layers = None
 
     def merged_weights(self, update) -> dict[str, torch.Tensor]:
         """`merged_lora_weights` of the base model with `update`'s adapter (an AdapterUpdate) in it."""
@@ -153,25 +163,25 @@ class AdapterMerger:
         config = json.loads(update.files[ADAPTER_CONFIG])
         layout = {key: value for key, value in config.items() if key not in self.NOT_LAYOUT}
         if layout != self.layout:
-            self.model = self.adapter = None  # the old copy goes before the new one loads
+            self.model = self.adapter = self.layers = None  # the old copy goes before the new one loads
             base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.dtype)
             lora = adapter_lora_config(update.files)
             lora.init_lora_weights = True  # every LoRA tensor is loaded below; an init such as PiSSA would change W
             self.model = get_peft_model(base, lora).eval()
-            self.adapter, self.layout = LiveAdapter(self.model), layout
+            self.adapter, self.layout, self.layers = LiveAdapter(self.model), layout, layers_to_reload(self.model)
         self.adapter.load(adapter_state_dict(update.files), update.version)
-        return merged_lora_weights(self.model)
+        return merge_layers(self.layers)
 
 
-def _refuse_unmergeable(peft_model, modules: dict) -> None:
-    """Merged weights carry W + scale * B A for linear layers and nothing else: refuse, naming the layer, an
+def refuse_unmergeable(peft_model) -> None:
+    """Merged weights carry W + scale * B A for linear layers and nothing else: refuse (ValueError), naming the layer, an
     adapter whose effect is more (DoRA's magnitudes, LoRA biases, trained copies of whole modules), lives
     elsewhere (embeddings), or would reach the input embeddings through a tied head."""
     from peft.tuners.lora import LoraLayer
 
     fix = "use rollout.weight_sync=lora (vLLM with LoRA, where it has LoRA for the model) or rollout.backend=hf"
     embedding = peft_model.get_input_embeddings().weight
-    for name, module in modules.items():
+    for name, module in peft_model.named_modules():
         if type(module).__name__ == "ModulesToSaveWrapper":
             raise ValueError(f"merged weights: {name} is trained whole (LoRA modules_to_save), which merged weights "
                              f"do not carry; {fix}")
